@@ -1,0 +1,94 @@
+"""The Transformer block shared by every model: self-attention, optional cross-attention, MLP.
+
+``pre_norm=True``: x + Sublayer(Norm(x))   (GPT-2, LLaMA, T5)
+``pre_norm=False``: Norm(x + Sublayer(x))  (the paper, section 3.1 / 5.4, post-LN)
+
+The block reads its hyperparameters from the model config by field name (``d_model``,
+``n_heads``, ``n_kv_heads``, ``head_dim``, ``d_ff``, ``activation``, ``gated_mlp``, ``norm``,
+``norm_eps``, ``pre_norm``, ``use_bias``, ``qk_norm``, ``dropout``, ``attention_dropout``,
+``sliding_window``, ``attention_scale``, ``attention_impl``, ``dtype``, ``param_dtype``), so
+the decoder-only and encoder-decoder configs share one block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnzoo.models.layers import MLP, Norm
+from attnzoo.models.mha import KVCache, MultiHeadAttention
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Any, *, causal: bool, cross_attention: bool = False,
+                 rngs: nnx.Rngs):
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.pre_norm = cfg.pre_norm
+        norm = lambda: Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps,
+                            use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
+                            param_dtype=pdtype, rngs=rngs)
+        attn = lambda position, causal_: MultiHeadAttention(
+            cfg.d_model, cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            position=position, causal=causal_,
+            sliding_window=cfg.sliding_window if causal_ else None, use_bias=cfg.use_bias,
+            qk_norm=cfg.qk_norm, dropout=cfg.attention_dropout, scale=cfg.attention_scale,
+            implementation=cfg.attention_impl, norm_eps=cfg.norm_eps, dtype=dtype,
+            param_dtype=pdtype, rngs=rngs)
+        self.self_attn_norm = norm()
+        self.self_attn = attn(cfg.position, causal)
+        self.cross_attn_norm = norm() if cross_attention else None
+        self.cross_attn = attn(None, False) if cross_attention else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, activation=cfg.activation, gated=cfg.gated_mlp,
+                       use_bias=cfg.use_bias, dropout=cfg.activation_dropout, dtype=dtype,
+                       param_dtype=pdtype, rngs=rngs)
+        self.residual_dropout = nnx.Dropout(cfg.dropout)
+
+    def _sublayer(self, x, norm, fn, deterministic, rngs):
+        """Residual connection with dropout around ``fn``, pre- or post-LN."""
+        if self.pre_norm:
+            y, aux = fn(norm(x))
+            return x + self.residual_dropout(y, deterministic=deterministic, rngs=rngs), aux
+        y, aux = fn(x)
+        return norm(x + self.residual_dropout(y, deterministic=deterministic, rngs=rngs)), aux
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        k_positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
+        encoded: jax.Array | None = None,
+        encoded_kv: tuple[jax.Array, jax.Array] | None = None,
+        cross_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x: [B, T, D] -> ([B, T, D], updated self-attention cache)."""
+        x, cache = self._sublayer(
+            x, self.self_attn_norm,
+            lambda h: self.self_attn(h, q_positions=positions, k_positions=k_positions,
+                                     mask=mask, bias=bias, cache=cache, cache_index=cache_index,
+                                     deterministic=deterministic, rngs=rngs),
+            deterministic, rngs)
+        if self.cross_attn is not None:
+            if encoded is None and encoded_kv is None:
+                raise ValueError("a cross-attention block needs the encoder output")
+            x, _ = self._sublayer(
+                x, self.cross_attn_norm,
+                lambda h: self.cross_attn(h, q_positions=positions, kv=encoded,
+                                          kv_projected=encoded_kv, mask=cross_mask,
+                                          deterministic=deterministic, rngs=rngs),
+                deterministic, rngs)
+        x, _ = self._sublayer(
+            x, self.mlp_norm,
+            lambda h: (self.mlp(h, deterministic=deterministic, rngs=rngs), None),
+            deterministic, rngs)
+        return x, cache

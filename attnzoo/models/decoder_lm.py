@@ -1,0 +1,259 @@
+"""Decoder-only language models: one configurable family (GPT-2, LLaMA, the paper's block).
+
+Pure functional API::
+
+    cfg = decoder_lm.Config.gpt2_small()
+    graphdef, params = decoder_lm.init(cfg, jax.random.key(0))
+    logits = decoder_lm.apply(graphdef, params, tokens)          # [B, T] int32 -> [B, T, V]
+
+``params`` is an ``nnx.State`` pytree: it jits, grads, vmaps and shards like any pytree, and each
+leaf carries logical axis names (``nnx.get_partition_spec(params)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from attnzoo.models import masks
+from attnzoo.models.blocks import Block
+from attnzoo.models.layers import Dense, Embed, Norm, normal
+from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
+from attnzoo.models.positional import PositionConfig, make_encoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Decoder-only LM hyperparameters. Presets are classmethods; vary with ``replace``."""
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 2048
+    activation: str = "gelu"
+    gated_mlp: bool = False
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    pre_norm: bool = True
+    use_bias: bool = True
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    embed_scale: bool = False
+    embed_init_std: float = 0.02
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    sliding_window: int | None = None
+    attention_scale: float | None = None
+    attention_impl: str | None = None
+    position: PositionConfig = PositionConfig()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    deterministic: bool = True
+
+    def __post_init__(self):
+        head_dim = self.head_dim or (self.d_model // self.n_heads)
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
+                             f"({self.n_heads}), or set head_dim explicitly")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads "
+                             f"({self.n_heads})")
+        if self.position.kind == "learned" and self.position.max_len < 1:
+            raise ValueError("learned positions need position.max_len >= 1")
+        from attnzoo.models.positional import validate  # noqa: PLC0415
+
+        validate(self.position, head_dim=head_dim)
+
+    def replace(self, **kw: Any) -> Config:
+        return dataclasses.replace(self, **kw)
+
+    # ---- presets ---------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, vocab_size: int = 256) -> Config:
+        """A few-hundred-k-parameter model for CPU demos and tests."""
+        return cls(vocab_size=vocab_size, d_model=128, n_layers=2, n_heads=4, d_ff=512,
+                   position=PositionConfig(kind="sinusoidal"))
+
+    @classmethod
+    def vaswani_lm(cls, vocab_size: int = 32000) -> Config:
+        """The paper's base block as a decoder-only LM: post-LN, ReLU, sinusoidal, sqrt(d) scale."""
+        return cls(vocab_size=vocab_size, d_model=512, n_layers=6, n_heads=8, d_ff=2048,
+                   activation="relu", pre_norm=False, embed_scale=True, dropout=0.1,
+                   norm_eps=1e-6, position=PositionConfig(kind="sinusoidal"))
+
+    @classmethod
+    def gpt2_small(cls) -> Config:
+        """GPT-2 small (124M): learned positions, pre-LN, GELU (tanh), biases, tied head."""
+        return cls(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                   activation="gelu_tanh", norm_eps=1e-5,
+                   position=PositionConfig(kind="learned", max_len=1024))
+
+    @classmethod
+    def llama(cls, vocab_size: int = 32000) -> Config:
+        """LLaMA-style 7B: RoPE, RMSNorm, SwiGLU, no biases, untied head."""
+        return cls(vocab_size=vocab_size, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
+                   activation="silu", gated_mlp=True, norm="rmsnorm", norm_eps=1e-6,
+                   use_bias=False, tie_embeddings=False,
+                   position=PositionConfig(kind="rope", rope_base=10000.0))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Config:
+        """A preset by name (``"gpt2_small"``, ``"llama"``, ...), then ``overrides`` applied."""
+        names = presets()
+        if name not in names:
+            raise ValueError(f"unknown decoder_lm preset {name!r}; valid: {', '.join(names)}")
+        return getattr(cls, name)().replace(**overrides)
+
+
+def presets() -> tuple[str, ...]:
+    return ("tiny", "vaswani_lm", "gpt2_small", "llama")
+
+
+@struct.dataclass
+class Cache:
+    """Decoding state for every layer: per-row next write slot, slot positions, per-layer K/V."""
+
+    index: jax.Array  # [B] int32
+    positions: jax.Array  # [B, S_max] int32, EMPTY_POSITION where nothing was written
+    layers: tuple[KVCache, ...]
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads or cfg.n_heads, head_dim,
+                       jnp.dtype(dtype or cfg.dtype))
+    return Cache(index=jnp.zeros((batch,), jnp.int32),
+                 positions=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
+                 layers=(kv,) * cfg.n_layers)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Per-segment positions 0, 1, 2, ... restarting at each new segment. [B, T] -> [B, T]."""
+    T = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class DecoderLM(nnx.Module):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, init=normal(cfg.embed_init_std),
+                           param_dtype=pdtype, rngs=rngs)
+        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        self.position = make_encoding(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                                      head_dim=head_dim, causal=True, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, causal=True, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = (Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps,
+                                use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
+                                param_dtype=pdtype, rngs=rngs)
+                           if cfg.pre_norm else None)
+        self.head = (None if cfg.tie_embeddings else
+                     Dense((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "btd,dv->btv",
+                           dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype, rngs=rngs))
+        self.embed_dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        cache: Cache | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
+        """tokens [B, T] int -> logits [B, T, V] (and the updated cache if one is given).
+
+        ``positions`` default to 0..T-1 per row, per segment when ``segment_ids`` is given (id 0
+        marks padding). With a ``cache``, ``positions`` are required (e.g. prompt lengths so
+        far) and the new tokens are written at ``cache.index``.
+        """
+        cfg = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length] int, got shape {tokens.shape}")
+        if positions is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs explicit positions [B, T]")
+            positions = (positions_from_segments(segment_ids) if segment_ids is not None else
+                         jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                          tokens.shape))
+        dtype = jnp.dtype(cfg.dtype)
+        x = self.embed(tokens, dtype)  # (B, T, D)
+        if cfg.embed_scale:
+            x = x * jnp.sqrt(jnp.asarray(cfg.d_model, dtype))
+        x = self.position.embed(x, positions)
+        x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
+
+        mask = masks.segment(segment_ids, segment_ids) if segment_ids is not None else None
+        k_positions, index = positions, None
+        if cache is not None:
+            index = cache.index
+            k_positions = write_positions(cache.positions, positions, index)  # (B, S_max)
+        bias = self.position.attention_bias(positions, k_positions)  # None or (B|1, N, T, S)
+
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            call = nnx.remat(type(block).__call__) if cfg.remat else type(block).__call__
+            x, layer_cache = call(block, x, positions=positions, mask=mask, bias=bias,
+                                  k_positions=k_positions, cache=layer_cache, cache_index=index,
+                                  deterministic=deterministic, rngs=rngs)
+            new_layers.append(layer_cache)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)  # (B, T, V)
+        if cache is None:
+            return logits
+        new_cache = Cache(index=index + tokens.shape[1], positions=k_positions,
+                          layers=tuple(new_layers))
+        return logits, new_cache
+
+
+def init(cfg: Config, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
+    """Builds the model and splits it into a static graph definition and a params pytree."""
+    model = DecoderLM(cfg, rngs=nnx.Rngs(params=rng))
+    return nnx.split(model)
+
+
+def apply(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    cache: Cache | None = None,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, Cache]:
+    """Pure forward pass: tokens [B, T] -> logits [B, T, V] (plus cache if given).
+
+    ``nnx.merge`` runs here, inside whatever ``jax.jit`` the caller wraps around ``apply``, so the
+    NNX graph work is paid once at trace time, not every step.
+    """
+    model = nnx.merge(graphdef, params)
+    rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
+    if not deterministic and rngs is None:
+        raise ValueError("apply(deterministic=False) needs dropout_rng")
+    return model(tokens, positions, segment_ids, cache=cache, deterministic=deterministic,
+                 rngs=rngs)
+
+
+def param_count(cfg: Config) -> int:
+    """Number of parameters, computed with ``jax.eval_shape`` (no memory is allocated)."""
+    _, shapes = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+    return sum(x.size for x in jax.tree.leaves(shapes))

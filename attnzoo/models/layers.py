@@ -1,0 +1,168 @@
+"""Parameterised building blocks with logical axis names on every weight.
+
+Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds *logical* axis names
+(``"embed"``, ``"mlp"``, ``"heads"``, ...). They are only names: with no mesh the model builds
+and runs unsharded; under a mesh a rules table (``attnzoo.training.sharding``) maps them to
+mesh axes. ``eager_sharding=False`` keeps Flax from trying to shard at construction time.
+
+Logical axis vocabulary: ``vocab, embed, mlp, heads, kv_heads, head_dim, norm, layers,
+relpos, position``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
+    """Creates an ``nnx.Param`` annotated with logical axis names (one per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}")
+    return nnx.Param(
+        init(rngs.params(), tuple(shape), dtype),
+        sharding_names=tuple(axes),
+        eager_sharding=False,
+    )
+
+
+def normal(stddev: float) -> Initializer:
+    return jax.nn.initializers.normal(stddev)
+
+
+def fan_in(in_dims: int = 1) -> Initializer:
+    """Lecun-normal style init with fan-in = product of the first ``in_dims`` dimensions."""
+    return jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(in_dims)), out_axis=-1
+    )
+
+
+class Dense(nnx.Module):
+    """A general linear map ``y = einsum(eqn, x, W) + b`` over named dimensions.
+
+    ``Dense((d, n, h), ("embed", "heads", "head_dim"), "btd,dnh->btnh")`` is the query
+    projection of a multi-head attention layer. Keeping heads as their own weight dimension
+    (instead of reshaping ``d -> n*h``) is what lets a rules table shard heads.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        axes: Sequence[str | None],
+        eqn: str,
+        *,
+        use_bias: bool = False,
+        in_dims: int = 1,
+        init: Initializer | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.eqn = eqn
+        self.dtype = dtype
+        self.kernel = param(rngs, init or fan_in(in_dims), shape, axes, param_dtype)
+        out_shape, out_axes = tuple(shape[in_dims:]), tuple(axes[in_dims:])
+        self.bias = (
+            param(rngs, jax.nn.initializers.zeros, out_shape, out_axes, param_dtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jnp.einsum(self.eqn, x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[vocab, embed]``; ``attend`` reuses it as a tied output head."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, init: Initializer | None = None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.vocab_size = vocab_size
+        self.embedding = param(rngs, init or normal(1.0), (vocab_size, d_model),
+                               ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """tokens: [B, T] int -> [B, T, D]."""
+        return jnp.take(self.embedding[...].astype(dtype), tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, D] -> logits [B, T, V] with the transposed embedding table."""
+        return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (``kind="layernorm"``, with bias) or RMSNorm (``kind="rmsnorm"``).
+
+    Statistics are always computed in float32, also for bfloat16 activations.
+    """
+
+    def __init__(self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5,
+                 use_bias: bool | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"unknown norm kind {kind!r}; valid: 'layernorm', 'rmsnorm'")
+        self.kind, self.eps = kind, eps
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), param_dtype)
+        use_bias = (kind == "layernorm") if use_bias is None else use_bias
+        self.bias = (param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",), param_dtype)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward: ``act(x W1) W2`` or gated ``(act(x Wg) * x W1) W2``.
+
+    ``activation`` is one of ``ACTIVATIONS``; ``gated=True`` with ``"silu"`` is SwiGLU (LLaMA),
+    with ``"gelu"`` GeGLU (T5 v1.1).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", gated: bool = False,
+                 use_bias: bool = True, dropout: float = 0.0, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.wi = Dense((d_model, d_ff), ("embed", "mlp"), "btd,df->btf", **kw)
+        self.wg = Dense((d_model, d_ff), ("embed", "mlp"), "btd,df->btf", **kw) if gated else None
+        self.wo = Dense((d_ff, d_model), ("mlp", "embed"), "btf,fd->btd", **kw)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        h = act(self.wg(x)) * self.wi(x) if self.wg is not None else act(self.wi(x))
+        h = self.dropout(h, deterministic=deterministic, rngs=rngs)
+        return self.wo(h)
