@@ -1,0 +1,53 @@
+# The README's commands. Each target creates/updates .venv itself, so a fresh clone needs only
+# Python >= 3.10 and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_DIR ?= demo_workdir
+# Parity tests compare against PyTorch transformers; 2.13.0 is the CPU build the dev machines
+# carry. Library users never need torch.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install dev demo test lint format bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev,parity]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev-installed
+
+demo: install
+	$(VENV)/bin/attnzoo-train --config configs/lm_tiny.py --workdir $(DEMO_DIR)/lm
+	$(VENV)/bin/attnzoo-generate --workdir $(DEMO_DIR)/lm --prompt "ROMEO:" --max_new_tokens 200
+	$(VENV)/bin/attnzoo-train --config configs/mt_tiny.py --workdir $(DEMO_DIR)/mt
+	$(VENV)/bin/attnzoo-eval --workdir $(DEMO_DIR)/mt --split validation --limit 40 --show 5
+
+lint: dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: dev
+	$(PY) -m benchmarks.run --markdown benchmarks/RESULTS.md
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
