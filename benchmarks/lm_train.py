@@ -1,0 +1,71 @@
+"""lm_train: decoder LM V=8192 d=256 L=4 H=4 ff=1024 T=256 B=8, float32, fwd+bwd+AdamW.
+
+The architecture matches the PyTorch peer (pre-LN, GELU, learned positions, untied head).
+Usage: python -m benchmarks.lm_train
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from attnzoo.models import decoder_lm
+from attnzoo.models.positional import PositionConfig
+from benchmarks.protocol import LM, LR, emit, lm_flops_per_token, timeit
+
+
+def config(n_layers: int = LM["n_layers"], scan_layers: bool | None = None) -> decoder_lm.Config:
+    kw = {} if scan_layers is None else {"scan_layers": scan_layers}
+    return decoder_lm.Config(
+        vocab_size=LM["vocab"], d_model=LM["d_model"], n_layers=n_layers, n_heads=LM["n_heads"],
+        d_ff=LM["d_ff"], activation="gelu", tie_embeddings=False,
+        position=PositionConfig(kind="learned", max_len=LM["seq"]), **kw)
+
+
+def make_step(cfg: decoder_lm.Config):
+    graphdef, params = decoder_lm.init(cfg, jax.random.key(0))
+    opt = optax.adamw(LR)
+
+    def loss_fn(params, inputs, targets):
+        logits = decoder_lm.apply(graphdef, params, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @jax.jit
+    def step(params, opt_state, inputs, targets):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step.__wrapped__, donate_argnums=(0, 1))
+    return step, params, opt.init(params)
+
+
+def main(peer: str = "attnzoo") -> dict:
+    cfg = config()
+    step, params, opt_state = make_step(cfg)
+    x = jax.random.randint(jax.random.key(1), (LM["batch"], LM["seq"] + 1), 0, LM["vocab"])
+    inputs, targets = x[:, :-1], x[:, 1:]
+    state = [params, opt_state]
+
+    def run():
+        state[0], state[1], loss = step(state[0], state[1], inputs, targets)
+        return loss
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    first = time.perf_counter() - t0
+    med, ts = timeit(run, warmup=2, iters=12, sync=jax.block_until_ready)
+    fpt, _ = lm_flops_per_token()
+    n_params = sum(p.size for p in jax.tree.leaves(state[0]))
+    return emit(peer, "lm_train", "train_tokens_per_s", LM["batch"] * LM["seq"] / med,
+                "tokens/s", n_params, fpt,
+                dict(version="jax " + jax.__version__, step_s_median=round(med, 4),
+                     first_step_s=round(first, 2), step_s_min=round(min(ts), 4)))
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before timing
+    main()

@@ -1,0 +1,166 @@
+"""Runs attnzoo's benchmarks and the PyTorch peer side by side and reports ratios.
+
+    python -m benchmarks.run [--only lm_train,mt_train,lm_generate,attention,compile]
+                             [--rounds 2] [--no-peers] [--markdown benchmarks/RESULTS.md]
+
+The machine's float32 matmul peak is measured first (best library's median, as
+``shared/bench/matmul_peak.py`` does) and exported as ``PEAK_GFLOPS`` so every record carries
+MFU. Each task then runs ours and the peers alternately, ``--rounds`` times, each in a fresh
+process; the best round of each peer is kept (these machines are shared and noisy: only ratios
+from one run are comparable). Every record is one JSON line, also appended to
+``benchmarks/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "bench"
+TASKS = ("lm_train", "mt_train", "lm_generate", "attention", "compile")
+OURS = {t: f"benchmarks.{t}" for t in TASKS}
+PEER_TASKS = ("lm_train", "mt_train", "lm_generate")  # what torch_peer.py measures
+# The higher-is-better metric each task is compared on.
+MAIN_METRIC = {"lm_train": "train_tokens_per_s", "mt_train": "train_tokens_per_s",
+               "lm_generate": "gen_tokens_per_s"}
+TARGETS = {"lm_train": ("torch-eager", 1.1), "mt_train": ("torch-eager", 1.2)}
+
+
+def _run(cmd: list[str], env: dict, timeout: int = 900) -> list[dict]:
+    """Runs one benchmark process; returns its JSON-line records (errors become records)."""
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    try:
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [dict(peer="?", task=cmd[-1], metric="error", value=0.0,
+                     error=f"timed out after {timeout}s")]
+    recs = []
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            recs.append(json.loads(line))
+            print(line, flush=True)
+    if out.returncode or not recs:
+        recs.append(dict(peer="?", task=" ".join(cmd[-2:]), metric="error", value=0.0,
+                         error=out.stderr[-800:]))
+        print(out.stderr[-2000:], file=sys.stderr)
+    return recs
+
+
+def measure_peak(env: dict) -> float:
+    """Best median float32 matmul GFLOP/s over jax, numpy and torch (2048^3)."""
+    best = 0.0
+    libs = ("jax", "numpy", "torch")
+    for lib in libs:
+        if SHARED.exists():
+            recs = _run([sys.executable, str(SHARED / "matmul_peak.py"), lib, "float32"], env)
+        else:
+            recs = _run([sys.executable, "-m", "benchmarks.matmul_peak", lib], env)
+        for r in recs:
+            if r.get("metric") == "gflops_median":
+                best = max(best, r["value"])
+    return best
+
+
+def _best(records: list[dict], peer: str, task: str) -> dict | None:
+    metric = MAIN_METRIC.get(task)
+    cands = [r for r in records if r.get("peer") == peer and r.get("task") == task
+             and r.get("metric") == metric]
+    return max(cands, key=lambda r: r["value"]) if cands else None
+
+
+def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"One side-by-side run, {now}, on `{platform.node()}` ({os.cpu_count()} CPUs), float32.",
+        f"Measured float32 matmul peak (best library median): **{peak:.1f} GFLOP/s**; MFU is "
+        "against it. Produced by `make bench` (`python -m benchmarks.run`); raw records in "
+        "`benchmarks/results.jsonl`. Only ratios within one run are comparable.",
+        "",
+        "| task | peer | value | unit | MFU | ratio attnzoo / peer | target |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
+    for task in tasks:
+        if task not in MAIN_METRIC:
+            continue
+        ours = _best(records, "attnzoo", task)
+        for peer in ("attnzoo", "torch-eager", "torch-compile"):
+            r = _best(records, peer, task)
+            if r is None:
+                continue
+            ratio = "" if peer == "attnzoo" or ours is None else f"{ours['value'] / r['value']:.2f}x"
+            tgt = TARGETS.get(task)
+            target = f">= {tgt[1]}x" if tgt and tgt[0] == peer else ""
+            if task == "lm_generate" and peer == "attnzoo":
+                target = ">= 3000 tokens/s"
+            if task == "lm_train" and peer == "torch-compile":
+                target = ">= 1.0x"
+            mfu = "" if r.get("mfu") is None else f"{r['mfu']:.2f}"
+            lines.append(f"| {task} | {peer} | {r['value']:,.0f} | {r['unit']} | {mfu} | "
+                         f"{ratio} | {target} |")
+    other = [r for r in records if r.get("task") in ("attention", "compile")
+             and r.get("peer") == "attnzoo"]
+    if other:
+        lines += ["", "| task | metric | value | unit | details |", "|---|---|---:|---|---|"]
+        for r in other:
+            details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in
+                                ("peer", "task", "metric", "value", "unit", "params",
+                                 "flops_per_token", "mfu", "peak_gflops"))
+            lines.append(f"| {r['task']} | {r['metric']} | {r['value']} | {r['unit']} | "
+                         f"{details} |")
+    errors = [r for r in records if r.get("metric") == "error"]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- {r.get('task')}: {r.get('error', '')[:300]}"
+                                        for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default=",".join(TASKS), help="comma-separated tasks")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-peers", action="store_true", help="run only attnzoo")
+    p.add_argument("--no-compile-peer", action="store_true", help="skip torch.compile")
+    p.add_argument("--markdown", default=None, help="write a markdown table here")
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        p.error(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
+    if not args.no_peers and not SHARED.exists():
+        print(f"note: {SHARED} not found, running attnzoo only", file=sys.stderr)
+        args.no_peers = True
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    peak = measure_peak(env)
+    env["PEAK_GFLOPS"] = f"{peak:.1f}"
+    records: list[dict] = []
+    for task in tasks:
+        for _ in range(args.rounds if task in PEER_TASKS else 1):
+            records += _run([sys.executable, "-m", OURS[task]], env)
+            if args.no_peers or task not in PEER_TASKS:
+                continue
+            records += _run([sys.executable, str(SHARED / "torch_peer.py"), task], env)
+            if not args.no_compile_peer:
+                records += _run([sys.executable, str(SHARED / "torch_peer.py"), task,
+                                 "--compile"], env)
+    with open(ROOT / "benchmarks" / "results.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    md = markdown(records, peak, tasks)
+    print(md)
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(md)
+
+
+if __name__ == "__main__":
+    main()
