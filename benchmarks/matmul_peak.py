@@ -1,4 +1,7 @@
-"""Float32 matmul peak (2048^3) for a clone without ``shared/bench``: python -m benchmarks.matmul_peak {jax|numpy}."""
+"""Float32 matmul peak (2048^3) for a clone without ``shared/bench``.
+
+Usage: python -m benchmarks.matmul_peak {jax|numpy}
+"""
 
 from __future__ import annotations
 
@@ -33,8 +36,13 @@ def main(lib: str = "jax", n: int = 2048, iters: int = 20) -> None:
         t0 = time.perf_counter()
         run()
         ts.append(time.perf_counter() - t0)
-    emit("matmul-" + lib, f"matmul_{n}_float32", "gflops_median",
-         2 * n**3 / statistics.median(ts) / 1e9, "GFLOP/s")
+    emit(
+        "matmul-" + lib,
+        f"matmul_{n}_float32",
+        "gflops_median",
+        2 * n**3 / statistics.median(ts) / 1e9,
+        "GFLOP/s",
+    )
 
 
 if __name__ == "__main__":

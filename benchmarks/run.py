@@ -28,8 +28,11 @@ TASKS = ("lm_train", "mt_train", "lm_generate", "attention", "compile")
 OURS = {t: f"benchmarks.{t}" for t in TASKS}
 PEER_TASKS = ("lm_train", "mt_train", "lm_generate")  # what torch_peer.py measures
 # The higher-is-better metric each task is compared on.
-MAIN_METRIC = {"lm_train": "train_tokens_per_s", "mt_train": "train_tokens_per_s",
-               "lm_generate": "gen_tokens_per_s"}
+MAIN_METRIC = {
+    "lm_train": "train_tokens_per_s",
+    "mt_train": "train_tokens_per_s",
+    "lm_generate": "gen_tokens_per_s",
+}
 TARGETS = {"lm_train": ("torch-eager", 1.1), "mt_train": ("torch-eager", 1.2)}
 
 
@@ -37,19 +40,34 @@ def _run(cmd: list[str], env: dict, timeout: int = 900) -> list[dict]:
     """Runs one benchmark process; returns its JSON-line records (errors become records)."""
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     try:
-        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(
+            cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
-        return [dict(peer="?", task=cmd[-1], metric="error", value=0.0,
-                     error=f"timed out after {timeout}s")]
+        return [
+            dict(
+                peer="?",
+                task=cmd[-1],
+                metric="error",
+                value=0.0,
+                error=f"timed out after {timeout}s",
+            )
+        ]
     recs = []
     for line in out.stdout.splitlines():
         if line.startswith("{"):
             recs.append(json.loads(line))
             print(line, flush=True)
     if out.returncode or not recs:
-        recs.append(dict(peer="?", task=" ".join(cmd[-2:]), metric="error", value=0.0,
-                         error=out.stderr[-800:]))
+        recs.append(
+            dict(
+                peer="?",
+                task=" ".join(cmd[-2:]),
+                metric="error",
+                value=0.0,
+                error=out.stderr[-800:],
+            )
+        )
         print(out.stderr[-2000:], file=sys.stderr)
     return recs
 
@@ -71,8 +89,11 @@ def measure_peak(env: dict) -> float:
 
 def _best(records: list[dict], peer: str, task: str) -> dict | None:
     metric = MAIN_METRIC.get(task)
-    cands = [r for r in records if r.get("peer") == peer and r.get("task") == task
-             and r.get("metric") == metric]
+    cands = [
+        r
+        for r in records
+        if r.get("peer") == peer and r.get("task") == task and r.get("metric") == metric
+    ]
     return max(cands, key=lambda r: r["value"]) if cands else None
 
 
@@ -97,7 +118,9 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
             r = _best(records, peer, task)
             if r is None:
                 continue
-            ratio = "" if peer == "attnzoo" or ours is None else f"{ours['value'] / r['value']:.2f}x"
+            ratio = ""
+            if peer != "attnzoo" and ours is not None:
+                ratio = f"{ours['value'] / r['value']:.2f}x"
             tgt = TARGETS.get(task)
             target = f">= {tgt[1]}x" if tgt and tgt[0] == peer else ""
             if task == "lm_generate" and peer == "attnzoo":
@@ -105,22 +128,42 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
             if task == "lm_train" and peer == "torch-compile":
                 target = ">= 1.0x"
             mfu = "" if r.get("mfu") is None else f"{r['mfu']:.2f}"
-            lines.append(f"| {task} | {peer} | {r['value']:,.0f} | {r['unit']} | {mfu} | "
-                         f"{ratio} | {target} |")
-    other = [r for r in records if r.get("task") in ("attention", "compile")
-             and r.get("peer") == "attnzoo"]
+            lines.append(
+                f"| {task} | {peer} | {r['value']:,.0f} | {r['unit']} | {mfu} | "
+                f"{ratio} | {target} |"
+            )
+    other = [
+        r
+        for r in records
+        if r.get("task") in ("attention", "compile") and r.get("peer") == "attnzoo"
+    ]
     if other:
         lines += ["", "| task | metric | value | unit | details |", "|---|---|---:|---|---|"]
         for r in other:
-            details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in
-                                ("peer", "task", "metric", "value", "unit", "params",
-                                 "flops_per_token", "mfu", "peak_gflops"))
-            lines.append(f"| {r['task']} | {r['metric']} | {r['value']} | {r['unit']} | "
-                         f"{details} |")
+            details = ", ".join(
+                f"{k}={v}"
+                for k, v in r.items()
+                if k
+                not in (
+                    "peer",
+                    "task",
+                    "metric",
+                    "value",
+                    "unit",
+                    "params",
+                    "flops_per_token",
+                    "mfu",
+                    "peak_gflops",
+                )
+            )
+            lines.append(
+                f"| {r['task']} | {r['metric']} | {r['value']} | {r['unit']} | {details} |"
+            )
     errors = [r for r in records if r.get("metric") == "error"]
     if errors:
-        lines += ["", "Errors:", ""] + [f"- {r.get('task')}: {r.get('error', '')[:300]}"
-                                        for r in errors]
+        lines += ["", "Errors:", ""] + [
+            f"- {r.get('task')}: {r.get('error', '')[:300]}" for r in errors
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -151,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             records += _run([sys.executable, str(SHARED / "torch_peer.py"), task], env)
             if not args.no_compile_peer:
-                records += _run([sys.executable, str(SHARED / "torch_peer.py"), task,
-                                 "--compile"], env)
+                records += _run(
+                    [sys.executable, str(SHARED / "torch_peer.py"), task, "--compile"], env
+                )
     with open(ROOT / "benchmarks" / "results.jsonl", "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
