@@ -23,13 +23,22 @@ def compile_seconds(cfg) -> float:
 
 
 def main() -> None:
-    for name, cfg in (("lm_train_4_layers", lm_train.config()),
-                      ("scan_2_layers", lm_train.config(2, scan_layers=True)),
-                      ("scan_24_layers", lm_train.config(24, scan_layers=True)),
-                      ("unrolled_24_layers", lm_train.config(24, scan_layers=False))):
-        emit("attnzoo", "compile", "compile_s", compile_seconds(cfg), "s",
-             extra=dict(model=name, n_layers=cfg.n_layers,
-                        scan_layers=getattr(cfg, "scan_layers", False)))
+    for name, cfg in (
+        ("lm_train_4_layers", lm_train.config()),
+        ("scan_2_layers", lm_train.config(2, scan_layers=True)),
+        ("scan_24_layers", lm_train.config(24, scan_layers=True)),
+        ("unrolled_24_layers", lm_train.config(24, scan_layers=False)),
+    ):
+        emit(
+            "attnzoo",
+            "compile",
+            "compile_s",
+            compile_seconds(cfg),
+            "s",
+            extra=dict(
+                model=name, n_layers=cfg.n_layers, scan_layers=getattr(cfg, "scan_layers", False)
+            ),
+        )
 
 
 if __name__ == "__main__":

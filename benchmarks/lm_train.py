@@ -20,9 +20,16 @@ from benchmarks.protocol import LM, LR, emit, lm_flops_per_token, timeit
 def config(n_layers: int = LM["n_layers"], scan_layers: bool | None = None) -> decoder_lm.Config:
     kw = {} if scan_layers is None else {"scan_layers": scan_layers}
     return decoder_lm.Config(
-        vocab_size=LM["vocab"], d_model=LM["d_model"], n_layers=n_layers, n_heads=LM["n_heads"],
-        d_ff=LM["d_ff"], activation="gelu", tie_embeddings=False,
-        position=PositionConfig(kind="learned", max_len=LM["seq"]), **kw)
+        vocab_size=LM["vocab"],
+        d_model=LM["d_model"],
+        n_layers=n_layers,
+        n_heads=LM["n_heads"],
+        d_ff=LM["d_ff"],
+        activation="gelu",
+        tie_embeddings=False,
+        position=PositionConfig(kind="learned", max_len=LM["seq"]),
+        **kw,
+    )
 
 
 def make_step(cfg: decoder_lm.Config):
@@ -60,10 +67,21 @@ def main(peer: str = "attnzoo") -> dict:
     med, ts = timeit(run, warmup=2, iters=12, sync=jax.block_until_ready)
     fpt, _ = lm_flops_per_token()
     n_params = sum(p.size for p in jax.tree.leaves(state[0]))
-    return emit(peer, "lm_train", "train_tokens_per_s", LM["batch"] * LM["seq"] / med,
-                "tokens/s", n_params, fpt,
-                dict(version="jax " + jax.__version__, step_s_median=round(med, 4),
-                     first_step_s=round(first, 2), step_s_min=round(min(ts), 4)))
+    return emit(
+        peer,
+        "lm_train",
+        "train_tokens_per_s",
+        LM["batch"] * LM["seq"] / med,
+        "tokens/s",
+        n_params,
+        fpt,
+        dict(
+            version="jax " + jax.__version__,
+            step_s_median=round(med, 4),
+            first_step_s=round(first, 2),
+            step_s_min=round(min(ts), 4),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,16 @@ from benchmarks.protocol import LR, MT, emit, mt_flops_per_tgt_token, timeit
 
 def config() -> encoder_decoder.Config:
     return encoder_decoder.Config.tiny().replace(
-        vocab_size=MT["vocab"], d_model=MT["d_model"], n_encoder_layers=MT["enc_layers"],
-        n_decoder_layers=MT["dec_layers"], n_heads=MT["n_heads"], d_ff=MT["d_ff"],
-        activation="gelu", pre_norm=False, dropout=0.0)
+        vocab_size=MT["vocab"],
+        d_model=MT["d_model"],
+        n_encoder_layers=MT["enc_layers"],
+        n_decoder_layers=MT["dec_layers"],
+        n_heads=MT["n_heads"],
+        d_ff=MT["d_ff"],
+        activation="gelu",
+        pre_norm=False,
+        dropout=0.0,
+    )
 
 
 def main(peer: str = "attnzoo") -> dict:
@@ -52,10 +59,21 @@ def main(peer: str = "attnzoo") -> dict:
     med, ts = timeit(run, warmup=2, iters=12, sync=jax.block_until_ready)
     fpt, _ = mt_flops_per_tgt_token()
     n_params = sum(p.size for p in jax.tree.leaves(state[0]))
-    return emit(peer, "mt_train", "train_tokens_per_s", MT["batch"] * MT["tgt"] / med,
-                "tokens/s", n_params, fpt,
-                dict(version="jax " + jax.__version__, step_s_median=round(med, 4),
-                     first_step_s=round(first, 2), step_s_min=round(min(ts), 4)))
+    return emit(
+        peer,
+        "mt_train",
+        "train_tokens_per_s",
+        MT["batch"] * MT["tgt"] / med,
+        "tokens/s",
+        n_params,
+        fpt,
+        dict(
+            version="jax " + jax.__version__,
+            step_s_median=round(med, 4),
+            first_step_s=round(first, 2),
+            step_s_min=round(min(ts), 4),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,20 @@ import statistics
 import time
 from collections.abc import Callable
 
-LM = dict(vocab=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq=256, batch=8,
-          prompt=16, gen=128)
-MT = dict(vocab=8192, d_model=256, enc_layers=3, dec_layers=3, n_heads=4, d_ff=1024,
-          src=128, tgt=128, batch=16)
+LM = dict(
+    vocab=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq=256, batch=8, prompt=16, gen=128
+)
+MT = dict(
+    vocab=8192,
+    d_model=256,
+    enc_layers=3,
+    dec_layers=3,
+    n_heads=4,
+    d_ff=1024,
+    src=128,
+    tgt=128,
+    batch=16,
+)
 LR = 3e-4
 
 
@@ -50,15 +60,31 @@ def timeit(fn: Callable, warmup: int = 3, iters: int = 10, sync=lambda r: r):
     return statistics.median(ts), ts
 
 
-def emit(peer: str, task: str, metric: str, value: float, unit: str, params=None,
-         flops_per_token=None, extra: dict | None = None) -> dict:
+def emit(
+    peer: str,
+    task: str,
+    metric: str,
+    value: float,
+    unit: str,
+    params=None,
+    flops_per_token=None,
+    extra: dict | None = None,
+) -> dict:
     """Prints one JSON line in the shared format and returns it."""
     pk = peak_flops()
     mfu = None
     if flops_per_token and pk and unit == "tokens/s":
         mfu = round(value * flops_per_token / pk, 4)
-    rec = dict(peer=peer, task=task, metric=metric, value=round(value, 2), unit=unit,
-               params=params, flops_per_token=flops_per_token, mfu=mfu)
+    rec = dict(
+        peer=peer,
+        task=task,
+        metric=metric,
+        value=round(value, 2),
+        unit=unit,
+        params=params,
+        flops_per_token=flops_per_token,
+        mfu=mfu,
+    )
     if pk:
         rec["peak_gflops"] = round(pk / 1e9, 1)
     rec.update(extra or {})
