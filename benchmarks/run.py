@@ -98,7 +98,7 @@ def _best(records: list[dict], peer: str, task: str) -> dict | None:
 
 
 def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmark results",
         "",

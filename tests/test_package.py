@@ -27,8 +27,7 @@ def test_version_matches_pyproject():
 def test_every_package_directory_is_listed_in_pyproject():
     listed = set(_pyproject()["tool"]["setuptools"]["packages"])
     on_disk = {
-        ".".join(p.parent.relative_to(ROOT).parts)
-        for p in (ROOT / "attnzoo").rglob("__init__.py")
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "attnzoo").rglob("__init__.py")
     }
     assert on_disk <= listed, f"add to pyproject packages: {sorted(on_disk - listed)}"
 
