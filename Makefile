@@ -1,5 +1,5 @@
 # The README's commands. Each target creates/updates .venv itself, so a fresh clone needs only
-# Python >= 3.10 and make.
+# Python >= 3.11 and make.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
