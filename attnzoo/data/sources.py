@@ -1,0 +1,156 @@
+"""Dataset registry and random-access sources: every dataset is read with ``tfds.data_source``.
+
+The bundled corpora and the full-size tfds datasets (WMT, LM1B) go through the same call: tfds
+prepares ArrayRecord files in the data dir on first use (bundled: offline from package data;
+others: downloaded, for users with internet) and ``tfds.data_source`` gives random access, which
+grain needs for global shuffling and exact resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import tensorflow_datasets as tfds
+
+DATA_DIR_ENV = "ATTNZOO_DATA_DIR"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How an attnzoo dataset name maps onto a tfds dataset.
+
+    Attributes:
+      tfds_name: tfds name, with config (``"wmt14_translate/de-en"``).
+      task: ``"lm"`` (documents) or ``"mt"`` (source/target pairs).
+      splits: attnzoo split name -> tfds split spec (may be a slice such as ``"test[:50%]"``).
+      module: module whose import registers the tfds builder (tfds only auto-registers its own
+        builders when TensorFlow is installed).
+      text_key: the document feature (``task="lm"``).
+      language_pair: (source feature, target feature) (``task="mt"``).
+      vocab_size: default sentencepiece vocabulary size for this corpus.
+    """
+
+    tfds_name: str
+    task: Literal["lm", "mt"]
+    splits: Mapping[str, str]
+    module: str
+    text_key: str | None = None
+    language_pair: tuple[str, str] | None = None
+    vocab_size: int = 32000
+
+
+_SAME_SPLITS = {s: s for s in SPLITS}
+DATASETS: dict[str, DatasetSpec] = {
+    "shakespeare": DatasetSpec(
+        "attnzoo_shakespeare", "lm", _SAME_SPLITS, "attnzoo.data.shakespeare",
+        text_key="text", vocab_size=4000,
+    ),
+    "bible_en_es": DatasetSpec(
+        "attnzoo_bible_en_es", "mt", _SAME_SPLITS, "attnzoo.data.bible_en_es",
+        language_pair=("en", "es"), vocab_size=8000,
+    ),
+    # LM1B ships only train and test; halves of test serve as validation and test.
+    "lm1b": DatasetSpec(
+        "lm1b", "lm", {"train": "train", "validation": "test[:50%]", "test": "test[50%:]"},
+        "tensorflow_datasets.datasets.lm1b.lm1b_dataset_builder", text_key="text",
+    ),
+    # Direction follows the tfds config's supervised keys: German -> English.
+    "wmt14_translate/de-en": DatasetSpec(
+        "wmt14_translate/de-en", "mt", _SAME_SPLITS, "tensorflow_datasets.translate.wmt14",
+        language_pair=("de", "en"),
+    ),
+    "wmt17_translate/de-en": DatasetSpec(
+        "wmt17_translate/de-en", "mt", _SAME_SPLITS, "tensorflow_datasets.translate.wmt17",
+        language_pair=("de", "en"),
+    ),
+}  # fmt: skip
+
+
+def default_data_dir() -> str:
+    """``$ATTNZOO_DATA_DIR``, else ``~/attnzoo_data``."""
+    return os.environ.get(DATA_DIR_ENV) or str(pathlib.Path("~/attnzoo_data").expanduser())
+
+
+def spec(dataset: str, *, task: str | None = None) -> DatasetSpec:
+    """The registry entry for ``dataset``; ValueError naming the valid names otherwise."""
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)} "
+            "(add a DatasetSpec to attnzoo.data.sources.DATASETS for another tfds dataset)"
+        )
+    s = DATASETS[dataset]
+    if task is not None and s.task != task:
+        wanted = {"lm": "a language-modelling", "mt": "a translation"}[task]
+        valid = [n for n, d in DATASETS.items() if d.task == task]
+        raise ValueError(f"dataset {dataset!r} is not {wanted} dataset; use one of {valid}")
+    return s
+
+
+def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Sequence[Any]:
+    """Random-access examples (dicts of features) of ``dataset``/``split``, prepared if needed."""
+    s = spec(dataset)
+    if split not in s.splits:
+        raise ValueError(
+            f"unknown split {split!r} for dataset {dataset!r}; valid splits: {', '.join(s.splits)}"
+        )
+    importlib.import_module(s.module)  # registers the builder with tfds
+    data_dir = data_dir or default_data_dir()
+    try:
+        source = tfds.data_source(
+            s.tfds_name,
+            split=s.splits[split],
+            data_dir=data_dir,
+            builder_kwargs={"file_format": "array_record"},
+        )
+    except ValueError:
+        raise  # already names the problem (ours from the builders, or tfds's split errors)
+    except Exception as err:  # corrupt metadata, unreadable files: tfds raises many types
+        raise _corrupt_error(s, data_dir, err) from err
+    if len(source) == 0:
+        raise ValueError(
+            f"split {split!r} of dataset {dataset!r} in {data_dir} is empty; delete "
+            f"{_dataset_dir(s, data_dir)} so it is prepared again"
+        )
+    try:  # cheap probe: a truncated ArrayRecord file fails here rather than mid-epoch
+        source[0], source[len(source) - 1]
+    except Exception as err:
+        raise _corrupt_error(s, data_dir, err) from err
+    return source
+
+
+def _dataset_dir(s: DatasetSpec, data_dir: str) -> pathlib.Path:
+    return pathlib.Path(data_dir) / s.tfds_name.split("/")[0]
+
+
+def _corrupt_error(s: DatasetSpec, data_dir: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"could not read prepared dataset {s.tfds_name!r} from {data_dir} "
+        f"({type(err).__name__}: {err}); the files are missing or corrupt: delete "
+        f"{_dataset_dir(s, data_dir)} and run again to re-prepare it"
+    )
+
+
+def as_text(value: Any) -> str:
+    """A tfds Text feature (bytes from ArrayRecord sources, str from mocks) as ``str``."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def texts(dataset: str, split: str, data_dir: str | None = None) -> list[str]:
+    """Every document of an LM dataset split, in stored order (for evaluation)."""
+    key = spec(dataset, task="lm").text_key
+    return [as_text(ex[key]) for ex in data_source(dataset, split, data_dir=data_dir)]
+
+
+def text_pairs(dataset: str, split: str, data_dir: str | None = None) -> list[tuple[str, str]]:
+    """Every (source, reference) pair of a translation dataset split, in stored order."""
+    src_key, tgt_key = spec(dataset, task="mt").language_pair
+    return [
+        (as_text(ex[src_key]), as_text(ex[tgt_key]))
+        for ex in data_source(dataset, split, data_dir=data_dir)
+    ]
