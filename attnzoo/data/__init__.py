@@ -5,6 +5,7 @@ for users with internet) is prepared as ArrayRecord by tfds, read with ``tfds.da
 fed through grain. See ``attnzoo/data/corpora/README.md`` for provenance and licences.
 """
 
+from attnzoo.data.pipeline import lm_batches, mt_batches
 from attnzoo.data.sources import DATASETS, data_source, default_data_dir, text_pairs, texts
 from attnzoo.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, get_tokenizer
 
@@ -16,6 +17,8 @@ __all__ = [
     "data_source",
     "default_data_dir",
     "get_tokenizer",
+    "lm_batches",
+    "mt_batches",
     "text_pairs",
     "texts",
 ]
