@@ -12,39 +12,99 @@ the decoder-only and encoder-decoder configs share one block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnzoo.models.layers import MLP, Norm
+from attnzoo.models.layers import ACTIVATIONS, MLP, Norm
 from attnzoo.models.mha import KVCache, MultiHeadAttention
+from attnzoo.models.positional import validate as validate_position
+
+
+def validate_config(cfg: Any) -> None:
+    """Rejects block hyperparameters that cannot build, naming the field and the fix."""
+    if cfg.vocab_size < 1 or cfg.d_model < 1 or cfg.n_heads < 1 or cfg.d_ff < 1:
+        raise ValueError(
+            "vocab_size, d_model, n_heads and d_ff must all be >= 1; got "
+            f"{cfg.vocab_size}, {cfg.d_model}, {cfg.n_heads}, {cfg.d_ff}"
+        )
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+        raise ValueError(
+            f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads}); "
+            "change one of them or set head_dim explicitly"
+        )
+    if cfg.n_kv_heads is not None and (cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads):
+        raise ValueError(
+            f"n_kv_heads ({cfg.n_kv_heads}) must divide n_heads ({cfg.n_heads}); "
+            "use n_heads (MHA), 1 (MQA) or a divisor (GQA)"
+        )
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {cfg.activation!r}; valid: {sorted(ACTIVATIONS)}")
+    if cfg.norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"unknown norm {cfg.norm!r}; valid: 'layernorm', 'rmsnorm'")
+    for name in ("dropout", "attention_dropout", "activation_dropout"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("dtype", "param_dtype"):
+        try:
+            jnp.dtype(getattr(cfg, name))
+        except TypeError:
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r} is not a dtype name (e.g. 'float32', 'bfloat16')"
+            ) from None
+    check_remat_policy(cfg.remat_policy)
+    validate_position(cfg.position, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: Any, *, causal: bool, cross_attention: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, *, causal: bool, cross_attention: bool = False, rngs: nnx.Rngs):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.pre_norm = cfg.pre_norm
-        norm = lambda: Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps,
-                            use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
-                            param_dtype=pdtype, rngs=rngs)
+        norm = lambda: Norm(
+            cfg.d_model,
+            kind=cfg.norm,
+            eps=cfg.norm_eps,
+            use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         attn = lambda position, causal_: MultiHeadAttention(
-            cfg.d_model, cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            position=position, causal=causal_,
-            sliding_window=cfg.sliding_window if causal_ else None, use_bias=cfg.use_bias,
-            qk_norm=cfg.qk_norm, dropout=cfg.attention_dropout, scale=cfg.attention_scale,
-            implementation=cfg.attention_impl, norm_eps=cfg.norm_eps, dtype=dtype,
-            param_dtype=pdtype, rngs=rngs)
+            cfg.d_model,
+            cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            position=position,
+            causal=causal_,
+            sliding_window=cfg.sliding_window if causal_ else None,
+            use_bias=cfg.use_bias,
+            qk_norm=cfg.qk_norm,
+            dropout=cfg.attention_dropout,
+            scale=cfg.attention_scale,
+            implementation=cfg.attention_impl,
+            norm_eps=cfg.norm_eps,
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         self.self_attn_norm = norm()
         self.self_attn = attn(cfg.position, causal)
         self.cross_attn_norm = norm() if cross_attention else None
         self.cross_attn = attn(None, False) if cross_attention else None
         self.mlp_norm = norm()
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, activation=cfg.activation, gated=cfg.gated_mlp,
-                       use_bias=cfg.use_bias, dropout=cfg.activation_dropout, dtype=dtype,
-                       param_dtype=pdtype, rngs=rngs)
+        self.mlp = MLP(
+            cfg.d_model,
+            cfg.d_ff,
+            activation=cfg.activation,
+            gated=cfg.gated_mlp,
+            use_bias=cfg.use_bias,
+            dropout=cfg.activation_dropout,
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         self.residual_dropout = nnx.Dropout(cfg.dropout)
 
     def _sublayer(self, x, norm, fn, deterministic, rngs):
@@ -73,22 +133,169 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """x: [B, T, D] -> ([B, T, D], updated self-attention cache)."""
         x, cache = self._sublayer(
-            x, self.self_attn_norm,
-            lambda h: self.self_attn(h, q_positions=positions, k_positions=k_positions,
-                                     mask=mask, bias=bias, cache=cache, cache_index=cache_index,
-                                     deterministic=deterministic, rngs=rngs),
-            deterministic, rngs)
+            x,
+            self.self_attn_norm,
+            lambda h: self.self_attn(
+                h,
+                q_positions=positions,
+                k_positions=k_positions,
+                mask=mask,
+                bias=bias,
+                cache=cache,
+                cache_index=cache_index,
+                deterministic=deterministic,
+                rngs=rngs,
+            ),
+            deterministic,
+            rngs,
+        )
         if self.cross_attn is not None:
             if encoded is None and encoded_kv is None:
                 raise ValueError("a cross-attention block needs the encoder output")
             x, _ = self._sublayer(
-                x, self.cross_attn_norm,
-                lambda h: self.cross_attn(h, q_positions=positions, kv=encoded,
-                                          kv_projected=encoded_kv, mask=cross_mask,
-                                          deterministic=deterministic, rngs=rngs),
-                deterministic, rngs)
+                x,
+                self.cross_attn_norm,
+                lambda h: self.cross_attn(
+                    h,
+                    q_positions=positions,
+                    kv=encoded,
+                    kv_projected=encoded_kv,
+                    mask=cross_mask,
+                    deterministic=deterministic,
+                    rngs=rngs,
+                ),
+                deterministic,
+                rngs,
+            )
         x, _ = self._sublayer(
-            x, self.mlp_norm,
+            x,
+            self.mlp_norm,
             lambda h: (self.mlp(h, deterministic=deterministic, rngs=rngs), None),
-            deterministic, rngs)
+            deterministic,
+            rngs,
+        )
         return x, cache
+
+
+# ---- stacks of blocks: unrolled (a list) or scanned (one block with stacked params) ------------
+
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+
+
+def check_remat_policy(name: str) -> None:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; valid: {', '.join(REMAT_POLICIES)}")
+
+
+def make_stack(
+    factory: Callable[[nnx.Rngs], Block], n_layers: int, *, scan: bool, rngs: nnx.Rngs
+) -> nnx.Module:
+    """``n_layers`` blocks from ``factory(rngs)``.
+
+    ``scan=False``: an ``nnx.List`` of blocks. ``scan=True``: a single block whose params carry a
+    leading ``"layers"`` axis (built with ``nnx.vmap``), so ``run_stack`` can ``lax.scan`` over
+    it and the compiled program holds one block whatever the depth.
+    """
+    if not scan:
+        return nnx.List([factory(rngs) for _ in range(n_layers)])
+
+    @nnx.split_rngs(splits=n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return factory(rngs)
+
+    return create(rngs)
+
+
+def run_stack(
+    blocks: nnx.Module,
+    x: jax.Array,
+    *,
+    n_layers: int,
+    scan: bool,
+    remat: bool = False,
+    remat_policy: str = "dots_with_no_batch_dims_saveable",
+    per_layer: Any = None,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+    **shared: Any,
+) -> tuple[jax.Array, Any]:
+    """Runs ``x`` [B, T, D] through every block of a ``make_stack`` stack.
+
+    Args:
+      per_layer: a dict of per-layer inputs (``cache``, ``encoded_kv``): tuples of one entry per
+        layer when unrolled, pytrees with a leading layer axis when scanned. ``None`` entries
+        are fine.
+      remat: ``jax.checkpoint`` each block with ``jax.checkpoint_policies.<remat_policy>``.
+      shared: keyword arguments every block receives unchanged (positions, masks, bias...).
+    Returns:
+      (x [B, T, D], the blocks' returned caches in the layout of ``per_layer["cache"]``).
+    """
+    per_layer = dict(per_layer or {})
+    # One dropout key per layer, split the same way in both layouts, so scanned and unrolled
+    # stacks draw identical dropout masks.
+    keys = None
+    if not deterministic and rngs is not None:
+        keys = jax.random.split(rngs.dropout(), n_layers)
+
+    def layer(graphdef, state, h, inputs, key):
+        block = nnx.merge(graphdef, state)
+        layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
+        return block(h, **shared, **inputs, deterministic=deterministic, rngs=layer_rngs)
+
+    if remat:
+        check_remat_policy(remat_policy)
+        layer = jax.checkpoint(
+            layer, static_argnums=(0,), policy=getattr(jax.checkpoint_policies, remat_policy)
+        )
+
+    if scan:
+        graphdef, state = nnx.split(blocks)
+
+        def body(h, xs):
+            layer_state, inputs, key = xs
+            return layer(graphdef, layer_state, h, inputs, key)
+
+        return jax.lax.scan(body, x, (state, per_layer, keys))
+
+    caches = []
+    for i, block in enumerate(blocks):
+        graphdef, state = nnx.split(block)
+        inputs = {k: (v[i] if v is not None else None) for k, v in per_layer.items()}
+        x, cache = layer(graphdef, state, x, inputs, None if keys is None else keys[i])
+        caches.append(cache)
+    return x, tuple(caches)
+
+
+def relayout_layers(
+    init_fn: Callable[[Any], tuple[nnx.GraphDef, nnx.State]],
+    cfg: Any,
+    params: nnx.State,
+    *,
+    scan_layers: bool,
+    stacks: dict[str, int],
+) -> tuple[Any, nnx.GraphDef, nnx.State]:
+    """Moves weights between the unrolled and scanned layouts of the same model.
+
+    Args:
+      init_fn: the model's ``init`` with the rng bound, ``cfg -> (graphdef, params)``.
+      stacks: top-level state key of each block stack -> its number of layers.
+    Returns:
+      (cfg with ``scan_layers`` set, its graphdef, params holding the same weights).
+    """
+    target = cfg.replace(scan_layers=scan_layers)
+    graphdef, out = jax.eval_shape(lambda: init_fn(target))  # shapes and metadata, no memory
+    pure = nnx.to_pure_dict(params)
+    for key, n in stacks.items():
+        layers = pure[key]
+        if scan_layers and not cfg.scan_layers:  # {0: tree, 1: tree, ...} -> stacked tree
+            pure[key] = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in range(n)))
+        elif cfg.scan_layers and not scan_layers:  # stacked tree -> {i: tree}
+            pure[key] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
+    nnx.replace_by_pure_dict(out, pure)
+    return target, graphdef, out

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models import masks
-from attnzoo.models.blocks import Block
+from attnzoo.models.blocks import Block, make_stack, relayout_layers, run_stack, validate_config
 from attnzoo.models.layers import Dense, Embed, Norm, normal
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
@@ -58,21 +58,13 @@ class Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
-    deterministic: bool = True
+    remat_policy: str = "dots_with_no_batch_dims_saveable"
+    scan_layers: bool = False
 
     def __post_init__(self):
-        head_dim = self.head_dim or (self.d_model // self.n_heads)
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
-                             f"({self.n_heads}), or set head_dim explicitly")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads "
-                             f"({self.n_heads})")
-        if self.position.kind == "learned" and self.position.max_len < 1:
-            raise ValueError("learned positions need position.max_len >= 1")
-        from attnzoo.models.positional import validate  # noqa: PLC0415
-
-        validate(self.position, head_dim=head_dim)
+        validate_config(self)
+        if self.n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
 
     def replace(self, **kw: Any) -> Config:
         return dataclasses.replace(self, **kw)
@@ -81,30 +73,93 @@ class Config:
     @classmethod
     def tiny(cls, vocab_size: int = 256) -> Config:
         """A few-hundred-k-parameter model for CPU demos and tests."""
-        return cls(vocab_size=vocab_size, d_model=128, n_layers=2, n_heads=4, d_ff=512,
-                   position=PositionConfig(kind="sinusoidal"))
+        return cls(
+            vocab_size=vocab_size,
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            d_ff=512,
+            position=PositionConfig(kind="sinusoidal"),
+        )
 
     @classmethod
     def vaswani_lm(cls, vocab_size: int = 32000) -> Config:
         """The paper's base block as a decoder-only LM: post-LN, ReLU, sinusoidal, sqrt(d) scale."""
-        return cls(vocab_size=vocab_size, d_model=512, n_layers=6, n_heads=8, d_ff=2048,
-                   activation="relu", pre_norm=False, embed_scale=True, dropout=0.1,
-                   norm_eps=1e-6, position=PositionConfig(kind="sinusoidal"))
+        return cls(
+            vocab_size=vocab_size,
+            d_model=512,
+            n_layers=6,
+            n_heads=8,
+            d_ff=2048,
+            activation="relu",
+            pre_norm=False,
+            embed_scale=True,
+            dropout=0.1,
+            norm_eps=1e-6,
+            position=PositionConfig(kind="sinusoidal"),
+        )
+
+    @classmethod
+    def _gpt2(cls, d_model: int, n_layers: int, n_heads: int) -> Config:
+        # GPT-2 (Radford et al. 2019): pre-LN with a final LayerNorm, gelu_new (tanh), biases
+        # everywhere, learned positions, head tied to the token embedding.
+        return cls(
+            vocab_size=50257,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_ff=4 * d_model,
+            activation="gelu_tanh",
+            norm_eps=1e-5,
+            position=PositionConfig(kind="learned", max_len=1024),
+        )
 
     @classmethod
     def gpt2_small(cls) -> Config:
-        """GPT-2 small (124M): learned positions, pre-LN, GELU (tanh), biases, tied head."""
-        return cls(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-                   activation="gelu_tanh", norm_eps=1e-5,
-                   position=PositionConfig(kind="learned", max_len=1024))
+        """GPT-2 small, 124,439,808 parameters (as Hugging Face ``gpt2``)."""
+        return cls._gpt2(768, 12, 12)
+
+    @classmethod
+    def gpt2(cls) -> Config:
+        """Alias of ``gpt2_small``."""
+        return cls.gpt2_small()
+
+    @classmethod
+    def gpt2_medium(cls) -> Config:
+        return cls._gpt2(1024, 24, 16)
+
+    @classmethod
+    def gpt2_large(cls) -> Config:
+        return cls._gpt2(1280, 36, 20)
+
+    @classmethod
+    def gpt2_xl(cls) -> Config:
+        return cls._gpt2(1600, 48, 25)
 
     @classmethod
     def llama(cls, vocab_size: int = 32000) -> Config:
-        """LLaMA-style 7B: RoPE, RMSNorm, SwiGLU, no biases, untied head."""
-        return cls(vocab_size=vocab_size, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
-                   activation="silu", gated_mlp=True, norm="rmsnorm", norm_eps=1e-6,
-                   use_bias=False, tie_embeddings=False,
-                   position=PositionConfig(kind="rope", rope_base=10000.0))
+        """LLaMA 7B (6,738,415,616 parameters): RoPE, RMSNorm, SwiGLU, no biases, untied head."""
+        return cls(
+            vocab_size=vocab_size,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            d_ff=11008,
+            activation="silu",
+            gated_mlp=True,
+            norm="rmsnorm",
+            norm_eps=1e-6,
+            use_bias=False,
+            tie_embeddings=False,
+            position=PositionConfig(kind="rope", rope_base=10000.0, max_len=2048),
+        )
+
+    @classmethod
+    def llama_small(cls, vocab_size: int = 32000) -> Config:
+        """A ~110M LLaMA-style model with grouped-query attention (12 query, 4 key/value heads)."""
+        return cls.llama(vocab_size).replace(
+            d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048
+        )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Config:
@@ -116,26 +171,46 @@ class Config:
 
 
 def presets() -> tuple[str, ...]:
-    return ("tiny", "vaswani_lm", "gpt2_small", "llama")
+    return (
+        "tiny",
+        "vaswani_lm",
+        "gpt2",
+        "gpt2_small",
+        "gpt2_medium",
+        "gpt2_large",
+        "gpt2_xl",
+        "llama",
+        "llama_small",
+    )
 
 
 @struct.dataclass
 class Cache:
-    """Decoding state for every layer: per-row next write slot, slot positions, per-layer K/V."""
+    """Decoding state: per-row next write slot, slot positions, and every layer's K/V.
+
+    ``layers`` is a tuple of ``KVCache`` (one per layer) for unrolled models and a single
+    ``KVCache`` with a leading layer axis ([L, B, S_max, K, H]) for ``scan_layers=True``.
+    """
 
     index: jax.Array  # [B] int32
     positions: jax.Array  # [B, S_max] int32, EMPTY_POSITION where nothing was written
-    layers: tuple[KVCache, ...]
+    layers: tuple[KVCache, ...] | KVCache
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
     head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-    kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads or cfg.n_heads, head_dim,
-                       jnp.dtype(dtype or cfg.dtype))
-    return Cache(index=jnp.zeros((batch,), jnp.int32),
-                 positions=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
-                 layers=(kv,) * cfg.n_layers)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads or cfg.n_heads, head_dim, dtype)
+    if cfg.scan_layers:
+        layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.n_layers, *a.shape)), kv)
+    else:
+        layers = (kv,) * cfg.n_layers
+    return Cache(
+        index=jnp.zeros((batch,), jnp.int32),
+        positions=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
+        layers=layers,
+    )
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -143,27 +218,59 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     T = segment_ids.shape[1]
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
     starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def final_norm(cfg: Any, rngs: nnx.Rngs) -> Norm:
+    return Norm(
+        cfg.d_model,
+        kind=cfg.norm,
+        eps=cfg.norm_eps,
+        use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
+    )
 
 
 class DecoderLM(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdtype = jnp.dtype(cfg.param_dtype)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, init=normal(cfg.embed_init_std),
-                           param_dtype=pdtype, rngs=rngs)
+        self.embed = Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            init=normal(cfg.embed_init_std),
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        self.position = make_encoding(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                                      head_dim=head_dim, causal=True, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, causal=True, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = (Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps,
-                                use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
-                                param_dtype=pdtype, rngs=rngs)
-                           if cfg.pre_norm else None)
-        self.head = (None if cfg.tie_embeddings else
-                     Dense((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "btd,dv->btv",
-                           dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype, rngs=rngs))
+        self.position = make_encoding(
+            cfg.position,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            head_dim=head_dim,
+            causal=True,
+            rngs=rngs,
+        )
+        self.blocks = make_stack(
+            lambda r: Block(cfg, causal=True, rngs=r), cfg.n_layers, scan=cfg.scan_layers, rngs=rngs
+        )
+        # post-LN blocks end in a norm already; pre-LN stacks need one before the head
+        self.final_norm = final_norm(cfg, rngs) if cfg.pre_norm else None
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else Dense(
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                "btd,dv->btv",
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+        )
         self.embed_dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(
@@ -188,12 +295,14 @@ class DecoderLM(nnx.Module):
         if positions is None:
             if cache is not None:
                 raise ValueError("decoding with a cache needs explicit positions [B, T]")
-            positions = (positions_from_segments(segment_ids) if segment_ids is not None else
-                         jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                                          tokens.shape))
+            positions = (
+                positions_from_segments(segment_ids)
+                if segment_ids is not None
+                else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            )
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed(tokens, dtype)  # (B, T, D)
-        if cfg.embed_scale:
+        if cfg.embed_scale:  # the paper, section 3.4
             x = x * jnp.sqrt(jnp.asarray(cfg.d_model, dtype))
         x = self.position.embed(x, positions)
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
@@ -205,22 +314,30 @@ class DecoderLM(nnx.Module):
             k_positions = write_positions(cache.positions, positions, index)  # (B, S_max)
         bias = self.position.attention_bias(positions, k_positions)  # None or (B|1, N, T, S)
 
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = cache.layers[i] if cache is not None else None
-            call = nnx.remat(type(block).__call__) if cfg.remat else type(block).__call__
-            x, layer_cache = call(block, x, positions=positions, mask=mask, bias=bias,
-                                  k_positions=k_positions, cache=layer_cache, cache_index=index,
-                                  deterministic=deterministic, rngs=rngs)
-            new_layers.append(layer_cache)
+        x, layer_caches = run_stack(
+            self.blocks,
+            x,
+            n_layers=cfg.n_layers,
+            scan=cfg.scan_layers,
+            remat=cfg.remat,
+            remat_policy=cfg.remat_policy,
+            per_layer={"cache": cache.layers if cache is not None else None},
+            deterministic=deterministic,
+            rngs=rngs,
+            positions=positions,
+            mask=mask,
+            bias=bias,
+            k_positions=k_positions,
+            cache_index=index,
+        )
         if self.final_norm is not None:
             x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)  # (B, T, V)
         if cache is None:
             return logits
-        new_cache = Cache(index=index + tokens.shape[1], positions=k_positions,
-                          layers=tuple(new_layers))
-        return logits, new_cache
+        return logits, Cache(
+            index=index + tokens.shape[1], positions=k_positions, layers=layer_caches
+        )
 
 
 def init(cfg: Config, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
@@ -249,11 +366,25 @@ def apply(
     rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
     if not deterministic and rngs is None:
         raise ValueError("apply(deterministic=False) needs dropout_rng")
-    return model(tokens, positions, segment_ids, cache=cache, deterministic=deterministic,
-                 rngs=rngs)
+    return model(
+        tokens, positions, segment_ids, cache=cache, deterministic=deterministic, rngs=rngs
+    )
 
 
 def param_count(cfg: Config) -> int:
     """Number of parameters, computed with ``jax.eval_shape`` (no memory is allocated)."""
     _, shapes = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
     return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def relayout(
+    cfg: Config, params: nnx.State, *, scan_layers: bool
+) -> tuple[Config, nnx.GraphDef, nnx.State]:
+    """The same weights as a scanned (stacked) or unrolled model: -> (cfg, graphdef, params)."""
+    return relayout_layers(
+        lambda c: init(c, jax.random.key(0)),
+        cfg,
+        params,
+        scan_layers=scan_layers,
+        stacks={"blocks": cfg.n_layers},
+    )

@@ -90,11 +90,19 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table ``[vocab, embed]``; ``attend`` reuses it as a tied output head."""
 
-    def __init__(self, vocab_size: int, d_model: int, *, init: Initializer | None = None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        *,
+        init: Initializer | None = None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.vocab_size = vocab_size
-        self.embedding = param(rngs, init or normal(1.0), (vocab_size, d_model),
-                               ("vocab", "embed"), param_dtype)
+        self.embedding = param(
+            rngs, init or normal(1.0), (vocab_size, d_model), ("vocab", "embed"), param_dtype
+        )
 
     def __call__(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
         """tokens: [B, T] int -> [B, T, D]."""
@@ -111,15 +119,26 @@ class Norm(nnx.Module):
     Statistics are always computed in float32, also for bfloat16 activations.
     """
 
-    def __init__(self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5,
-                 use_bias: bool | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        kind: str = "layernorm",
+        eps: float = 1e-5,
+        use_bias: bool | None = None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if kind not in ("layernorm", "rmsnorm"):
             raise ValueError(f"unknown norm kind {kind!r}; valid: 'layernorm', 'rmsnorm'")
         self.kind, self.eps = kind, eps
         self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), param_dtype)
         use_bias = (kind == "layernorm") if use_bias is None else use_bias
-        self.bias = (param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",), param_dtype)
-                     if use_bias else None)
+        self.bias = (
+            param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",), param_dtype)
+            if use_bias
+            else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -148,9 +167,19 @@ class MLP(nnx.Module):
     with ``"gelu"`` GeGLU (T5 v1.1).
     """
 
-    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", gated: bool = False,
-                 use_bias: bool = True, dropout: float = 0.0, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: str = "relu",
+        gated: bool = False,
+        use_bias: bool = True,
+        dropout: float = 0.0,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         self.activation = activation
@@ -160,8 +189,9 @@ class MLP(nnx.Module):
         self.wo = Dense((d_ff, d_model), ("mlp", "embed"), "btf,fd->btd", **kw)
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         h = act(self.wg(x)) * self.wi(x) if self.wg is not None else act(self.wi(x))
         h = self.dropout(h, deterministic=deterministic, rngs=rngs)
