@@ -1,0 +1,286 @@
+"""The training loop: mesh, sharded state, jitted steps, eval, checkpoints, logs.
+
+``train(config, workdir)`` is everything ``attnzoo-train`` does after flag parsing. The same
+function runs on one CPU, a TPU slice or several hosts; only ``config.mesh`` and
+``config.sharding`` change where things live.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tqdm
+
+from attnzoo.configs import defaults
+from attnzoo.configs import sharding as sharding_rules
+from attnzoo.training import checkpoint, input_pipeline, optim, sharding, steps, tasks
+from attnzoo.training.mesh import make_mesh
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says what to do."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects keys the defaults do not have (typos) before anything expensive happens."""
+
+    def walk(c, ref, prefix):
+        for key in c:
+            if key == "model_overrides":
+                continue  # checked against the model Config's fields
+            if key not in ref:
+                raise ValueError(
+                    f"unknown config key {prefix}{key!r}; valid keys: {', '.join(sorted(ref))}"
+                )
+            if isinstance(c[key], ml_collections.ConfigDict):
+                walk(c[key], ref[key], f"{prefix}{key}.")
+
+    walk(config, defaults.get_config(), "")
+    if config.steps < 1 or config.batch_size < 1 or config.seq_len < 1:
+        raise ValueError("config.steps, config.batch_size and config.seq_len must be >= 1")
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard event files, written by process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415  (heavy, process 0 only)
+
+            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (final save, clean exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_mean(x: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(x).items()}
+
+
+def evaluate(
+    config, params, *, eval_fn, tokenizer, batch_sharding, split="validation"
+) -> dict[str, float]:
+    """Token-weighted eval loss, perplexity and accuracy over ``config.eval_batches`` batches."""
+    it = input_pipeline.batches(
+        config,
+        split,
+        tokenizer=tokenizer,
+        batch_size=config.batch_size // jax.process_count(),
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        num_epochs=1,
+    )
+    totals = None
+    for _, batch in zip(range(config.eval_batches), it, strict=False):
+        sums = eval_fn(params, sharding.put_batch(batch, batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError(
+            f"the {split} split of {config.dataset!r} produced no batch; lower "
+            "config.batch_size or config.seq_len"
+        )
+    t = _global_mean(totals)
+    loss = t["nll"] / max(t["weight"], 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_accuracy": t["correct"] / max(t["weight"], 1.0),
+    }
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the experiment ``config`` in ``workdir``; returns a summary."""
+    validate_config(config)
+    workdir_path = pathlib.Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir_path.mkdir(parents=True, exist_ok=True)
+
+    mesh = make_mesh(config.mesh)
+    rules = sharding_rules.get(config.sharding)
+    split = sharding.batch_split(mesh, rules)
+    n_proc = jax.process_count()
+    per_micro = config.batch_size // max(config.grad_accum_steps, 1)
+    if (
+        config.batch_size % n_proc
+        or config.batch_size % config.grad_accum_steps
+        or per_micro % split
+    ):
+        raise ValueError(
+            f"batch_size {config.batch_size} must split over {n_proc} processes and into "
+            f"{config.grad_accum_steps} micro-batches each divisible by the {split}-way batch "
+            f"sharding of mesh {dict(mesh.shape)}; change config.batch_size or config.mesh"
+        )
+
+    tokenizer = input_pipeline.get_tokenizer(config)
+    model_cfg = tasks.model_config(config, tokenizer.vocab_size)
+    module = tasks.model_module(config.task)
+    tx, schedule = optim.make_optimizer(config, d_model=model_cfg.d_model)
+
+    # Shapes first, then build the state directly in its sharded layout (never a full copy on
+    # one device).
+    graphdef, _ = checkpoint.abstract_params(config.task, model_cfg)
+
+    def init_state():
+        _, params = module.init(model_cfg, jax.random.key(config.seed))
+        return steps.create_state(params, tx, config.seed)
+
+    abstract = jax.eval_shape(init_state)
+    state_sharding = sharding.tree_shardings(abstract, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    ckpt = checkpoint.Checkpoints(
+        workdir_path, keep=config.keep_checkpoints, async_save=config.async_checkpoints
+    )
+    train_iter = input_pipeline.batches(
+        config,
+        "train",
+        tokenizer=tokenizer,
+        batch_size=config.batch_size // n_proc,
+        shard_index=jax.process_index(),
+        shard_count=n_proc,
+    )
+    if ckpt.steps():
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract,
+            state_sharding,
+        )
+        state, data_state = ckpt.restore(target)
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d", int(state.step))
+    else:
+        state = jax.jit(init_state, out_shardings=state_sharding)()
+
+    step_fn = functools.partial(
+        steps.train_step,
+        graphdef=graphdef,
+        tx=tx,
+        task=config.task,
+        label_smoothing=config.label_smoothing,
+        z_loss=config.z_loss,
+        grad_accum_steps=config.grad_accum_steps,
+        deterministic=False,
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding, None),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(steps.eval_step, graphdef=graphdef, task=config.task),
+        in_shardings=(state_sharding.params, batch_sharding),
+    )
+
+    logger = _Logger(workdir_path, enabled=is_main)
+    preemption = _Preemption()
+    start = int(jax.device_get(state.step))
+    bar = tqdm.tqdm(
+        total=config.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train"
+    )
+    summary: dict[str, Any] = {"start_step": start, "status": "completed"}
+    eval_metrics: dict[str, float] | None = None
+    t_last, tokens_since = time.perf_counter(), 0.0
+    t_start = t_last
+    try:
+        step = start
+        while step < config.steps:
+            batch = sharding.put_batch(next(train_iter), batch_sharding)
+            state, metrics = train_step(state, batch, steps.step_rng(state))
+            m = _global_mean(metrics)
+            if not m.pop("finite"):
+                raise TrainingError(
+                    f"non-finite loss or gradients at step {step + 1} (loss {m['loss']}, "
+                    f"grad norm {m['grad_norm']}); the update was not applied and the last good "
+                    f"checkpoint (step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) is kept. "
+                    "Lower config.learning_rate, set config.clip_norm, or use more warmup_steps"
+                )
+            step += 1
+            tokens_since += m["tokens"]
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                now = time.perf_counter()
+                m["learning_rate"] = float(schedule(step - 1))
+                m["tokens_per_s"] = tokens_since / (now - t_last)
+                t_last, tokens_since = now, 0.0
+                bar.set_postfix(
+                    loss=f"{m['loss']:.3f}",
+                    lr=f"{m['learning_rate']:.2e}",
+                    tok_s=f"{m['tokens_per_s']:.0f}",
+                )
+                logger.write(step, {f"train_{k}": v for k, v in m.items()})
+                summary["train_loss"] = m["loss"]
+            if step % config.eval_every == 0 or step == config.steps:
+                eval_metrics = evaluate(
+                    config,
+                    state.params,
+                    eval_fn=eval_fn,
+                    tokenizer=tokenizer,
+                    batch_sharding=batch_sharding,
+                )
+                logger.write(step, eval_metrics)
+                bar.write(
+                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                )
+                summary.update(eval_metrics)
+            if step % config.checkpoint_every == 0 or step == config.steps or preemption.requested:
+                ckpt.save(
+                    state,
+                    data_state=train_iter.get_state(),
+                    config=config,
+                    metrics=eval_metrics
+                    if step % config.eval_every == 0 or step == config.steps
+                    else None,
+                    force=True,
+                )
+            if preemption.requested:
+                summary["status"] = "preempted"
+                break
+        summary.update(step=step, seconds=time.perf_counter() - t_start)
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        logger.close()
+        preemption.restore()
+    if is_main:
+        (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,28 @@
+"""A byte-level LM on the bundled Shakespeare corpus: trains on 2 CPU cores in about 3 minutes.
+
+attnzoo-train --config configs/lm_tiny.py --workdir runs/lm [--config.steps=2000]
+"""
+
+from attnzoo.configs import defaults
+
+
+def get_config():
+    c = defaults.get_config()
+    c.task = "lm"
+    c.dataset = "shakespeare"
+    c.tokenizer = "byte"
+    c.model = "tiny"
+    c.model_overrides.d_model = 128
+    c.model_overrides.n_layers = 2
+    c.model_overrides.n_heads = 4
+    c.model_overrides.d_ff = 512
+    c.model_overrides.dropout = 0.0
+    c.steps = 600
+    c.batch_size = 32
+    c.seq_len = 128
+    c.learning_rate = 3e-3
+    c.warmup_steps = 50
+    c.weight_decay = 0.01
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    return c
