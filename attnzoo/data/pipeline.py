@@ -60,7 +60,7 @@ def lm_batches(
     """
     key = sources.spec(dataset, task="lm").text_key
     _check_args(seq_len, batch_size, shard_index, shard_count, num_epochs, min_seq_len=1)
-    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count, num_epochs)
+    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count).repeat(num_epochs)
 
     def tokenize(example: dict[str, Any]) -> dict[str, np.ndarray]:
         ids = np.asarray(tokenizer.encode(sources.as_text(example[key])), np.int32)
@@ -115,7 +115,7 @@ def mt_batches(
     """
     src_key, tgt_key = sources.spec(dataset, task="mt").language_pair
     _check_args(seq_len, batch_size, shard_index, shard_count, num_epochs, min_seq_len=2)
-    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count, num_epochs)
+    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count)
 
     def tokenize(example: dict[str, Any]) -> dict[str, np.ndarray]:
         src = tokenizer.encode(sources.as_text(example[src_key]))
@@ -131,7 +131,7 @@ def mt_batches(
 
     ds = ds.map(tokenize)
     _require_some_fit(ds, fits, dataset=dataset, split=split, seq_len=seq_len)
-    it = ds.filter(fits).to_iter_dataset()
+    it = ds.repeat(num_epochs).filter(fits).to_iter_dataset()
     lengths = {"src": seq_len, "tgt_inputs": seq_len, "tgt_targets": seq_len}
     if packing:
         it = grain.experimental.FirstFitPackIterDataset(
@@ -185,9 +185,12 @@ def _examples(
     seed: int,
     shard_index: int,
     shard_count: int,
-    num_epochs: int | None,
 ) -> grain.MapDataset:
-    """This process's shard of the split, shuffled with a per-epoch seed, repeated."""
+    """One epoch of this process's shard of the split, shuffled.
+
+    Callers ``repeat`` it after: shuffle before repeat makes grain reseed the shuffle every
+    epoch without mixing epochs.
+    """
     source = sources.data_source(dataset, split, data_dir=data_dir)
     if len(source) < shard_count:
         raise ValueError(
@@ -196,19 +199,18 @@ def _examples(
         )
     # Strided slice: shards are disjoint and cover the split (grain's multi-host idiom).
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    # Shuffle before repeat: grain reseeds the shuffle every epoch and epochs don't mix.
-    return ds.shuffle(seed=seed).repeat(num_epochs)
+    return ds.shuffle(seed=seed)
 
 
 def _require_some_fit(ds: grain.MapDataset, fits, *, dataset: str, split: str, seq_len: int):
     """Fails fast where filtering would silently drop everything (an endless or empty epoch)."""
     probe = [ds[i] for i in range(min(len(ds), _LENGTH_PROBE))]
     if not any(fits(pair) for pair in probe):
-        longest = max(max(len(p["src"]), len(p["tgt_inputs"])) for p in probe)
+        needed = min(max(len(p["src"]), len(p["tgt_inputs"])) for p in probe)
         raise ValueError(
             f"none of the first {len(probe)} pairs of {dataset!r}/{split!r} fit seq_len={seq_len} "
-            f"(shortest-side limit; these need up to {longest} tokens with bos/eos): pairs longer "
-            "than seq_len are dropped, so raise seq_len"
+            f"(the shortest needs {needed} tokens with bos/eos): pairs longer than seq_len are "
+            f"dropped, so raise seq_len to well above {needed}"
         )
 
 
