@@ -32,7 +32,7 @@ def param(
         raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}")
     return nnx.Param(
         init(rngs.params(), tuple(shape), dtype),
-        sharding_names=tuple(axes),
+        out_sharding=tuple(axes),
         eager_sharding=False,
     )
 
