@@ -29,6 +29,9 @@ from attnzoo.data.tokenizers import Tokenizer
 Batch = dict[str, np.ndarray]
 # Examples tokenized up front by mt_batches to fail fast when nothing fits seq_len.
 _LENGTH_PROBE = 1000
+# Synchronous reads: local ArrayRecord lookups take microseconds, and grain's default read-ahead
+# (16 threads, 500 elements) costs more in bookkeeping and GIL contention than it hides here.
+_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def lm_batches(
@@ -67,7 +70,7 @@ def lm_batches(
         ids = np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
         return {"inputs": ids[:-1], "targets": ids[1:]}
 
-    it = ds.map(tokenize).to_iter_dataset()
+    it = ds.map(tokenize).to_iter_dataset(_READ)
     lengths = {"inputs": seq_len, "targets": seq_len}
     if packing:
         it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
@@ -131,7 +134,7 @@ def mt_batches(
 
     ds = ds.map(tokenize)
     _require_some_fit(ds, fits, dataset=dataset, split=split, seq_len=seq_len)
-    it = ds.repeat(num_epochs).filter(fits).to_iter_dataset()
+    it = ds.repeat(num_epochs).filter(fits).to_iter_dataset(_READ)
     lengths = {"src": seq_len, "tgt_inputs": seq_len, "tgt_targets": seq_len}
     if packing:
         it = grain.experimental.FirstFitPackIterDataset(

@@ -48,28 +48,41 @@ class DatasetSpec:
 _SAME_SPLITS = {s: s for s in SPLITS}
 DATASETS: dict[str, DatasetSpec] = {
     "shakespeare": DatasetSpec(
-        "attnzoo_shakespeare", "lm", _SAME_SPLITS, "attnzoo.data.shakespeare",
-        text_key="text", vocab_size=4000,
+        tfds_name="attnzoo_shakespeare",
+        task="lm",
+        splits=_SAME_SPLITS,
+        module="attnzoo.data.shakespeare",
+        text_key="text",
+        vocab_size=4000,
     ),
     "bible_en_es": DatasetSpec(
-        "attnzoo_bible_en_es", "mt", _SAME_SPLITS, "attnzoo.data.bible_en_es",
-        language_pair=("en", "es"), vocab_size=8000,
+        tfds_name="attnzoo_bible_en_es",
+        task="mt",
+        splits=_SAME_SPLITS,
+        module="attnzoo.data.bible_en_es",
+        language_pair=("en", "es"),
+        vocab_size=8000,
     ),
     # LM1B ships only train and test; halves of test serve as validation and test.
     "lm1b": DatasetSpec(
-        "lm1b", "lm", {"train": "train", "validation": "test[:50%]", "test": "test[50%:]"},
-        "tensorflow_datasets.datasets.lm1b.lm1b_dataset_builder", text_key="text",
+        tfds_name="lm1b",
+        task="lm",
+        splits={"train": "train", "validation": "test[:50%]", "test": "test[50%:]"},
+        module="tensorflow_datasets.datasets.lm1b.lm1b_dataset_builder",
+        text_key="text",
     ),
-    # Direction follows the tfds config's supervised keys: German -> English.
-    "wmt14_translate/de-en": DatasetSpec(
-        "wmt14_translate/de-en", "mt", _SAME_SPLITS, "tensorflow_datasets.translate.wmt14",
-        language_pair=("de", "en"),
-    ),
-    "wmt17_translate/de-en": DatasetSpec(
-        "wmt17_translate/de-en", "mt", _SAME_SPLITS, "tensorflow_datasets.translate.wmt17",
-        language_pair=("de", "en"),
-    ),
-}  # fmt: skip
+    # Direction follows the tfds configs' supervised keys: German -> English.
+    **{
+        f"wmt{year}_translate/de-en": DatasetSpec(
+            tfds_name=f"wmt{year}_translate/de-en",
+            task="mt",
+            splits=_SAME_SPLITS,
+            module=f"tensorflow_datasets.translate.wmt{year}",
+            language_pair=("de", "en"),
+        )
+        for year in (14, 17)
+    },
+}
 
 
 def default_data_dir() -> str:
