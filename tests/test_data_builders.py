@@ -117,3 +117,33 @@ def test_corrupt_prepared_files_say_what_to_delete(tmp_path):
         f.write_bytes(f.read_bytes()[:100])  # truncated, as by a full disk
     with pytest.raises(ValueError, match="corrupt: delete .*attnzoo_shakespeare"):
         data.texts("shakespeare", "test", data_dir=data_dir)
+
+
+def test_corrupt_dataset_info_says_what_to_delete(tmp_path):
+    data_dir = str(tmp_path)
+    data.texts("shakespeare", "test", data_dir=data_dir)
+    (tmp_path / "attnzoo_shakespeare" / "1.0.0" / "dataset_info.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt: delete .*attnzoo_shakespeare"):
+        data.texts("shakespeare", "test", data_dir=data_dir)
+
+
+@pytest.mark.parametrize(
+    "error, match",
+    [
+        (
+            ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow"),
+            "needs the missing module 'tensorflow'.*attnzoo\\[tf\\]",
+        ),
+        (ConnectionError("unreachable"), "failed.*ConnectionError.*check the network"),
+    ],
+)
+def test_prepare_failures_say_what_to_do(monkeypatch, tmp_path, error, match):
+    """Full-size builders need network (and LM1B's needs TensorFlow) to prepare."""
+    from attnzoo.data.shakespeare import AttnzooShakespeare
+
+    def fail(self, dl_manager):
+        raise error
+
+    monkeypatch.setattr(AttnzooShakespeare, "_split_generators", fail)
+    with pytest.raises(ValueError, match=match):
+        data.texts("shakespeare", "test", data_dir=str(tmp_path))

@@ -1,8 +1,9 @@
-"""Dataset registry and random-access sources: every dataset is read with ``tfds.data_source``.
+"""Dataset registry and random-access sources: every dataset is a tfds ArrayRecord data source.
 
-The bundled corpora and the full-size tfds datasets (WMT, LM1B) go through the same call: tfds
+The bundled corpora and the full-size tfds datasets (WMT, LM1B) go through the same calls: tfds
 prepares ArrayRecord files in the data dir on first use (bundled: offline from package data;
-others: downloaded, for users with internet) and ``tfds.data_source`` gives random access, which
+others: downloaded, for users with internet) and ``builder.as_data_source`` (what
+``tfds.data_source`` does, with our error messages around each step) gives random access, which
 grain needs for global shuffling and exact resume.
 """
 
@@ -115,26 +116,43 @@ def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Seq
     importlib.import_module(s.module)  # registers the builder with tfds
     data_dir = data_dir or default_data_dir()
     try:
-        source = tfds.data_source(
-            s.tfds_name,
-            split=s.splits[split],
-            data_dir=data_dir,
-            builder_kwargs={"file_format": "array_record"},
-        )
-    except ValueError:
-        raise  # already names the problem (ours from the builders, or tfds's split errors)
-    except Exception as err:  # corrupt metadata, unreadable files: tfds raises many types
+        builder = tfds.builder(s.tfds_name, data_dir=data_dir, file_format="array_record")
+    except Exception as err:  # unreadable dataset_info.json and the like
+        raise _corrupt_error(s, data_dir, err) from err
+    if not builder.is_prepared():
+        _prepare(builder, s, data_dir)
+    try:
+        source = builder.as_data_source(split=s.splits[split])
+        # Cheap probe: a truncated ArrayRecord file fails here rather than mid-epoch.
+        if len(source):
+            source[0], source[len(source) - 1]
+    except Exception as err:
         raise _corrupt_error(s, data_dir, err) from err
     if len(source) == 0:
         raise ValueError(
             f"split {split!r} of dataset {dataset!r} in {data_dir} is empty; delete "
             f"{_dataset_dir(s, data_dir)} so it is prepared again"
         )
-    try:  # cheap probe: a truncated ArrayRecord file fails here rather than mid-epoch
-        source[0], source[len(source) - 1]
-    except Exception as err:
-        raise _corrupt_error(s, data_dir, err) from err
     return source
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, s: DatasetSpec, data_dir: str) -> None:
+    try:
+        builder.download_and_prepare()
+    except ValueError:
+        raise  # already names the problem (e.g. a damaged bundled corpus)
+    except ImportError as err:
+        raise ValueError(
+            f"preparing {s.tfds_name!r} needs the missing module {err.name!r} ({err}); its tfds "
+            "builder uses TensorFlow file APIs: `pip install 'attnzoo[tf]'` once to prepare it "
+            "(reading the prepared ArrayRecord files needs no TensorFlow)"
+        ) from err
+    except Exception as err:
+        raise ValueError(
+            f"preparing {s.tfds_name!r} into {data_dir} failed ({type(err).__name__}: {err}); "
+            "full-size datasets are downloaded, so check the network connection and disk space, "
+            f"then delete {_dataset_dir(s, data_dir)} and run again"
+        ) from err
 
 
 def _dataset_dir(s: DatasetSpec, data_dir: str) -> pathlib.Path:
