@@ -18,7 +18,9 @@ def data_dir(tmp_path):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("dataset", ["wmt14_translate/de-en", "wmt17_translate/de-en"])
+@pytest.mark.parametrize(
+    "dataset", ["wmt14_translate/de-en", "wmt14_translate/en-de", "wmt17_translate/de-en"]
+)
 def test_wmt_translation_path(dataset, data_dir):
     with tfds.testing.mock_data(num_examples=24):
         pairs = data.text_pairs(dataset, "validation", data_dir=data_dir)
@@ -42,7 +44,7 @@ def test_wmt_translation_path(dataset, data_dir):
                 tgt = BYTE.decode(b["tgt_targets"][r][b["tgt_segment_ids"][r] == s])
                 got.append((src, tgt))
     # Mocked splits are identical, so the packed training pairs are the validation pairs.
-    assert sorted(got) == sorted(p for p in pairs if max(len(x.encode()) for x in p) < 64)
+    assert sorted(got) == sorted(p for p in pairs if all(0 < len(x.encode()) < 64 for x in p))
     assert got
 
 
@@ -91,3 +93,37 @@ def test_lm1b_language_model_path(data_dir):
     assert sorted(BYTE.decode(s) for s in sentences) == sorted(docs)
     with pytest.raises(ValueError, match="unknown split 'dev' for dataset 'lm1b'"):
         data.texts("lm1b", "dev", data_dir=data_dir)
+
+
+def test_mt_length_policy_drops_empty_and_overlong_pairs(data_dir):
+    examples = [
+        {"de": "", "en": "empty source"},
+        {"de": "leeres Ziel", "en": ""},
+        {"de": "x" * 40, "en": "too long a source"},
+        {"de": "kurz", "en": "y" * 40},
+        {"de": "Guten Tag", "en": "Good day"},
+        {"de": "Danke", "en": "Thanks"},
+    ]
+
+    def as_data_source(self, split, **kwargs):
+        return examples
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        batches = list(
+            data.mt_batches(
+                "wmt14_translate/de-en",
+                "train",
+                tokenizer=BYTE,
+                seq_len=24,
+                batch_size=2,
+                data_dir=data_dir,
+                num_epochs=1,
+            )
+        )
+    src = [
+        BYTE.decode(b["src"][r][b["src_segment_ids"][r] == s])
+        for b in batches
+        for r in range(2)
+        for s in range(1, 3)
+    ]
+    assert sorted(s for s in src if s) == ["Danke", "Guten Tag"]

@@ -11,12 +11,13 @@ to model checkpoints.
 
 Length policy: LM never drops text (documents longer than ``seq_len`` continue in the next
 row(s) as a new segment whose positions restart at 0). Translation drops pairs with either side
-longer than ``seq_len`` (a truncated target would teach the model to stop mid-sentence); if none
-of the first examples fit, ``mt_batches`` raises instead of silently producing nothing.
+empty or longer than ``seq_len`` (a truncated target would teach the model to stop mid-sentence);
+if none of the first examples fit, ``mt_batches`` raises instead of silently producing nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,8 +108,8 @@ def mt_batches(
     """Translation batches: each ``next()`` is a dict of ``[batch_size, seq_len]`` arrays.
 
     A pair becomes ``src = tokens + [eos]``, ``tgt_inputs = [bos] + tokens``, ``tgt_targets =
-    tokens + [eos]`` (one shared vocabulary). Pairs with ``src`` or target longer than
-    ``seq_len`` are dropped. With ``packing``, pairs are packed first-fit into ``batch_size``
+    tokens + [eos]`` (one shared vocabulary). Pairs with a side empty or longer than ``seq_len``
+    are dropped. With ``packing``, pairs are packed first-fit into ``batch_size``
     rows (grain's ``FirstFitPackIterDataset``); pair k of a row has segment id k on both sides,
     so cross-attention masks are ``src_segment_ids == tgt_segment_ids``.
 
@@ -130,7 +131,8 @@ def mt_batches(
         }
 
     def fits(pair: dict[str, np.ndarray]) -> bool:
-        return len(pair["src"]) <= seq_len and len(pair["tgt_inputs"]) <= seq_len
+        # Length 1 is bos/eos alone: an empty side (common in WMT) teaches nothing but stopping.
+        return 1 < len(pair["src"]) <= seq_len and 1 < len(pair["tgt_inputs"]) <= seq_len
 
     ds = ds.map(tokenize)
     _require_some_fit(ds, fits, dataset=dataset, split=split, seq_len=seq_len)
@@ -208,7 +210,13 @@ def _examples(
 def _require_some_fit(ds: grain.MapDataset, fits, *, dataset: str, split: str, seq_len: int):
     """Fails fast where filtering would silently drop everything (an endless or empty epoch)."""
     probe = [ds[i] for i in range(min(len(ds), _LENGTH_PROBE))]
-    if not any(fits(pair) for pair in probe):
+    kept = sum(map(fits, probe))
+    if kept < len(probe):
+        logging.info(
+            f"mt_batches({dataset!r}, {split!r}): {len(probe) - kept} of the first {len(probe)} "
+            f"pairs are dropped (a side empty or longer than seq_len={seq_len})"
+        )
+    if not kept:
         needed = min(max(len(p["src"]), len(p["tgt_inputs"])) for p in probe)
         raise ValueError(
             f"none of the first {len(probe)} pairs of {dataset!r}/{split!r} fit seq_len={seq_len} "

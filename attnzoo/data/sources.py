@@ -72,16 +72,17 @@ DATASETS: dict[str, DatasetSpec] = {
         module="tensorflow_datasets.datasets.lm1b.lm1b_dataset_builder",
         text_key="text",
     ),
-    # Direction follows the tfds configs' supervised keys: German -> English.
+    # One tfds config per language pair; the name picks the direction (en-de is the paper's).
     **{
-        f"wmt{year}_translate/de-en": DatasetSpec(
+        f"wmt{year}_translate/{src}-{tgt}": DatasetSpec(
             tfds_name=f"wmt{year}_translate/de-en",
             task="mt",
             splits=_SAME_SPLITS,
             module=f"tensorflow_datasets.translate.wmt{year}",
-            language_pair=("de", "en"),
+            language_pair=(src, tgt),
         )
         for year in (14, 17)
+        for src, tgt in (("de", "en"), ("en", "de"))
     },
 }
 
