@@ -1,13 +1,15 @@
 """grain input pipelines: LM and translation batches with packing and exact resume.
 
-Both pipelines are one grain graph over a ``tfds.data_source``::
+Both pipelines are one grain graph over a tfds ArrayRecord data source (``sources.data_source``)::
 
     source -> shard (process) -> shuffle (seed, reshuffled per epoch) -> repeat -> tokenize
            -> [filter by length (mt)] -> pack -> rename / weights -> batch (padded to batch_size)
 
 so ``get_state()`` / ``set_state()`` of the returned grain iterator restore the exact position
 (epoch, index, partial packing buffers); the state is a small JSON-serialisable dict to save next
-to model checkpoints.
+to model checkpoints. For multi-host training each process passes ``shard_index=
+jax.process_index(), shard_count=jax.process_count()`` and gets a disjoint shard; with a finite
+``num_epochs`` shards may yield different numbers of batches, so evaluate on fixed step counts.
 
 Length policy: LM never drops text (documents longer than ``seq_len`` continue in the next
 row(s) as a new segment whose positions restart at 0). Translation drops pairs with either side
@@ -109,9 +111,9 @@ def mt_batches(
 
     A pair becomes ``src = tokens + [eos]``, ``tgt_inputs = [bos] + tokens``, ``tgt_targets =
     tokens + [eos]`` (one shared vocabulary). Pairs with a side empty or longer than ``seq_len``
-    are dropped. With ``packing``, pairs are packed first-fit into ``batch_size``
-    rows (grain's ``FirstFitPackIterDataset``); pair k of a row has segment id k on both sides,
-    so cross-attention masks are ``src_segment_ids == tgt_segment_ids``.
+    are dropped. With ``packing``, pairs are packed first-fit into ``batch_size`` rows (grain's
+    ``FirstFitPackIterDataset``); pair k of a row has segment id k on both sides, so the
+    cross-attention mask is ``src_segment_ids == tgt_segment_ids``. Without, one pair per row.
 
     Returns a grain iterator of dicts: ``src``, ``src_segment_ids``, ``src_positions``,
     ``tgt_inputs``, ``tgt_targets``, ``tgt_segment_ids``, ``tgt_positions`` (int32) and
