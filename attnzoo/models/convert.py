@@ -485,7 +485,7 @@ def to_transformers(
             node = node[p]
         return np.asarray(node)
 
-    return {r.hf_key: np.ascontiguousarray(r.to_hf(*(get(p) for p in r.paths))) for r in rules(cfg)}
+    return {r.hf_key: np.array(r.to_hf(*(get(p) for p in r.paths))) for r in rules(cfg)}
 
 
 def _infer_family(cfg: Any) -> str:
