@@ -1,7 +1,12 @@
 """grain pipelines: packing against an independent reconstruction, model-level segment isolation,
-exact resume, per-epoch shuffling, multi-process sharding, and length/argument errors."""
+exact resume, per-epoch shuffling, multi-process sharding, and length/argument errors.
+
+References are built from the raw texts (``data.texts`` / ``data.text_pairs``) and UTF-8 bytes,
+never from the pipeline's own output.
+"""
 
 import collections
+import functools
 import json
 
 import jax
@@ -13,6 +18,7 @@ from attnzoo import data
 from attnzoo.models import decoder_lm
 
 BYTE = data.get_tokenizer("byte")
+BOS, EOS = BYTE.bos_id, BYTE.eos_id
 LM_KEYS = {"inputs", "targets", "segment_ids", "positions", "weights"}
 MT_KEYS = {
     "src",
@@ -31,8 +37,16 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("attnzoo_data"))
 
 
-def _epoch(it):
-    return list(it)  # num_epochs=1 iterators end
+@pytest.fixture(scope="module")
+def lm(data_dir):
+    """lm_batches over Shakespeare, byte tokens: ``lm(split, seq_len=..., batch_size=..., ...)``."""
+    return functools.partial(data.lm_batches, "shakespeare", tokenizer=BYTE, data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def mt(data_dir):
+    """mt_batches over the Bible, byte tokens: ``mt(split, seq_len=..., batch_size=..., ...)``."""
+    return functools.partial(data.mt_batches, "bible_en_es", tokenizer=BYTE, data_dir=data_dir)
 
 
 def _segments(segment_ids):
@@ -47,37 +61,32 @@ def _segments(segment_ids):
 
 
 def _check_row_layout(segment_ids, positions, weights):
+    """Segments 1, 2, ... in order, padding only at the end, positions 0.. per segment."""
     segs = _segments(segment_ids)
-    assert [s for s, _, _ in segs] == list(range(1, len(segs) + 1))  # 1, 2, ... in order
-    last = segs[-1][2] if segs else 0
-    assert not segment_ids[last:].any()  # padding only at the end
+    assert [s for s, _, _ in segs] == list(range(1, len(segs) + 1))
+    assert not segment_ids[segs[-1][2] if segs else 0 :].any()
     for _, a, b in segs:
         np.testing.assert_array_equal(positions[a:b], np.arange(b - a))
     np.testing.assert_array_equal(weights, (segment_ids != 0).astype(np.float32))
     return segs
 
 
+def _documents(target_stream):
+    """Texts from a concatenated target stream: UTF-8 bytes + 3, each document ended by EOS."""
+    pieces = np.split(np.asarray(target_stream), np.flatnonzero(np.equal(target_stream, EOS)) + 1)
+    return [bytes((p[:-1] - 3).astype(np.uint8)).decode() for p in pieces if len(p)]
+
+
 @pytest.mark.parametrize("packing", [True, False])
-def test_lm_rows_reassemble_into_exactly_the_documents(data_dir, packing):
-    seq_len = 48
-    batches = _epoch(
-        data.lm_batches(
-            "shakespeare",
-            "test",
-            tokenizer=BYTE,
-            seq_len=seq_len,
-            batch_size=8,
-            data_dir=data_dir,
-            num_epochs=1,
-            packing=packing,
-        )
-    )
+def test_lm_rows_reassemble_into_exactly_the_documents(lm, data_dir, packing):
+    seq_len, batch = 48, 8
+    batches = list(lm("test", seq_len=seq_len, batch_size=batch, num_epochs=1, packing=packing))
     assert set(batches[0]) == LM_KEYS
     input_stream, target_stream, n_segments = [], [], []
     for b in batches:
-        assert all(v.shape == (8, seq_len) for v in b.values())
+        assert all(v.shape == (batch, seq_len) for v in b.values())
         assert b["inputs"].dtype == np.int32 and b["weights"].dtype == np.float32
-        for r in range(8):
+        for r in range(batch):
             segs = _check_row_layout(b["segment_ids"][r], b["positions"][r], b["weights"][r])
             n_segments.append(len(segs))
             for _, a, c in segs:
@@ -85,31 +94,21 @@ def test_lm_rows_reassemble_into_exactly_the_documents(data_dir, packing):
                 np.testing.assert_array_equal(inp[1:], tgt[:-1])  # targets are inputs shifted
                 input_stream.extend(inp.tolist())
                 target_stream.extend(tgt.tolist())
-    # Independent reference: each document as [bos] + UTF-8 bytes + 3, then [eos].
     docs = data.texts("shakespeare", "test", data_dir=data_dir)
-    eos_split = np.split(np.array(target_stream), np.flatnonzero(np.array(target_stream) == 2) + 1)
-    got = [bytes((np.array(d[:-1]) - 3).astype(np.uint8)).decode() for d in eos_split if len(d)]
-    assert collections.Counter(got) == collections.Counter(docs)
-    assert input_stream.count(1) == len(docs) and target_stream.count(2) == len(docs)
+    assert collections.Counter(_documents(target_stream)) == collections.Counter(docs)
+    # Each document is [bos] + bytes as inputs and bytes + [eos] as targets: EOS between docs.
+    assert input_stream.count(BOS) == len(docs) and EOS not in input_stream
     if packing:
         assert max(n_segments) >= 2  # documents share rows
-        assert sum(b["weights"].sum() for b in batches) > 0.99 * 8 * seq_len * (len(batches) - 1)
+        assert sum(b["weights"].sum() for b in batches[:-1]) == (len(batches) - 1) * batch * seq_len
     else:
         assert max(n_segments) == 1
 
 
-def test_lm_packed_segments_are_isolated_in_the_model(data_dir):
+def test_lm_packed_segments_are_isolated_in_the_model(lm):
     """Each packed segment's logits equal running that segment alone through decoder_lm."""
     seq_len = 32
-    it = data.lm_batches(
-        "shakespeare",
-        "validation",
-        tokenizer=BYTE,
-        seq_len=seq_len,
-        batch_size=4,
-        seed=3,
-        data_dir=data_dir,
-    )
+    it = lm("validation", seq_len=seq_len, batch_size=4, seed=3)
     b = next(b for b in it if (b["segment_ids"].max(axis=1) >= 2).any())  # a document boundary
     cfg = decoder_lm.Config.tiny(vocab_size=BYTE.vocab_size).replace(
         d_model=32, d_ff=64, n_heads=4, n_layers=2
@@ -132,41 +131,26 @@ def test_lm_packed_segments_are_isolated_in_the_model(data_dir):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_mt_rows_hold_exactly_the_pairs_that_fit(data_dir, packing):
-    seq_len = 160
-    batches = _epoch(
-        data.mt_batches(
-            "bible_en_es",
-            "validation",
-            tokenizer=BYTE,
-            seq_len=seq_len,
-            batch_size=4,
-            data_dir=data_dir,
-            num_epochs=1,
-            packing=packing,
-        )
+def test_mt_rows_hold_exactly_the_pairs_that_fit(mt, data_dir, packing):
+    seq_len, batch = 160, 4
+    batches = list(
+        mt("validation", seq_len=seq_len, batch_size=batch, num_epochs=1, packing=packing)
     )
     assert set(batches[0]) == MT_KEYS
     got, per_row = [], []
     for b in batches:
-        for r in range(4):
-            src = _check_row_layout(
-                b["src_segment_ids"][r],
-                b["src_positions"][r],
-                (b["src_segment_ids"][r] != 0).astype(np.float32),
-            )
+        for r in range(batch):
+            src_ids = b["src_segment_ids"][r]
+            src = _check_row_layout(src_ids, b["src_positions"][r], (src_ids != 0) * 1.0)
             tgt = _check_row_layout(
                 b["tgt_segment_ids"][r], b["tgt_positions"][r], b["tgt_weights"][r]
             )
             assert [s for s, _, _ in src] == [s for s, _, _ in tgt]  # pair k is segment k on both
             per_row.append(len(src))
             for (_, a, c), (_, d, e) in zip(src, tgt, strict=True):
-                s_ids, t_in, t_out = (
-                    b["src"][r, a:c],
-                    b["tgt_inputs"][r, d:e],
-                    b["tgt_targets"][r, d:e],
-                )
-                assert s_ids[-1] == 2 and t_out[-1] == 2 and t_in[0] == 1
+                s_ids = b["src"][r, a:c]
+                t_in, t_out = b["tgt_inputs"][r, d:e], b["tgt_targets"][r, d:e]
+                assert s_ids[-1] == EOS and t_out[-1] == EOS and t_in[0] == BOS
                 np.testing.assert_array_equal(t_in[1:], t_out[:-1])
                 got.append((BYTE.decode(s_ids), BYTE.decode(t_out)))
     pairs = data.text_pairs("bible_en_es", "validation", data_dir=data_dir)
@@ -181,120 +165,69 @@ def _take(it, n):
 
 
 @pytest.mark.parametrize(
-    "make",
+    "pipeline, split, kwargs",
     [
-        lambda d: data.lm_batches(
-            "shakespeare", "test", tokenizer=BYTE, seq_len=256, batch_size=8, data_dir=d, seed=5
-        ),
-        lambda d: data.lm_batches(
-            "shakespeare",
-            "test",
-            tokenizer=BYTE,
-            seq_len=512,
-            batch_size=8,
-            data_dir=d,
-            packing=False,
-        ),
-        lambda d: data.mt_batches(
-            "bible_en_es",
-            "validation",
-            tokenizer=BYTE,
-            seq_len=256,
-            batch_size=4,
-            data_dir=d,
-            seed=1,
-        ),
+        ("lm", "test", dict(seq_len=256, batch_size=8, seed=5)),
+        ("lm", "test", dict(seq_len=512, batch_size=8, packing=False)),
+        ("mt", "validation", dict(seq_len=256, batch_size=4, seed=1)),
+        ("mt", "validation", dict(seq_len=256, batch_size=4, packing=False)),
     ],
-    ids=["lm_packed", "lm_unpacked", "mt_packed"],
+    ids=["lm_packed", "lm_unpacked", "mt_packed", "mt_unpacked"],
 )
-def test_resume_yields_the_same_next_batches(data_dir, make):
-    it = make(data_dir)
+def test_resume_yields_the_same_next_batches(request, pipeline, split, kwargs):
+    make = functools.partial(request.getfixturevalue(pipeline), split, **kwargs)
+    it = make()
     _take(it, 57)  # past the first epoch boundary of each split
     state = json.loads(json.dumps(it.get_state()))  # must survive a JSON checkpoint
     expected = _take(it, 4)
-    resumed = make(data_dir)
+    resumed = make()
     resumed.set_state(state)
     for want, got in zip(expected, _take(resumed, 4), strict=True):
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def _src_order(data_dir, *, seed, num_epochs, shard_index=0, shard_count=1):
-    it = data.mt_batches(
-        "bible_en_es",
-        "validation",
-        tokenizer=BYTE,
-        seq_len=512,
-        batch_size=1,
-        data_dir=data_dir,
-        seed=seed,
-        num_epochs=num_epochs,
-        packing=False,
-        shard_index=shard_index,
-        shard_count=shard_count,
-    )
+def _sources_in_order(mt, **kwargs):
+    """Source sentences in the order the (unpacked, batch 1) pipeline yields them."""
+    it = mt("validation", seq_len=512, batch_size=1, packing=False, **kwargs)
     return [BYTE.decode(b["src"][0]) for b in it]
 
 
-def test_shuffle_is_seeded_and_changes_every_epoch(data_dir):
-    order = _src_order(data_dir, seed=0, num_epochs=2)
+def test_shuffle_is_seeded_and_changes_every_epoch(mt):
+    order = _sources_in_order(mt, seed=0, num_epochs=2)
     first, second = order[:85], order[85:]
     assert sorted(first) == sorted(second) and first != second
-    assert _src_order(data_dir, seed=0, num_epochs=1) == first
-    assert _src_order(data_dir, seed=1, num_epochs=1) != first
+    assert _sources_in_order(mt, seed=0, num_epochs=1) == first
+    assert _sources_in_order(mt, seed=1, num_epochs=1) != first
 
 
-def test_shards_are_disjoint_and_cover_the_split(data_dir):
-    shards = [
-        _src_order(data_dir, seed=0, num_epochs=1, shard_index=i, shard_count=3) for i in range(3)
-    ]
+def test_shards_are_disjoint_and_cover_the_split(lm, mt, data_dir):
+    # What processes 0..2 of 3 would read (shard_index=jax.process_index()).
+    shards = [_sources_in_order(mt, num_epochs=1, shard_index=i, shard_count=3) for i in range(3)]
     everything = [s for s, _ in data.text_pairs("bible_en_es", "validation", data_dir=data_dir)]
     assert collections.Counter(sum(shards, [])) == collections.Counter(everything)
-    for i in range(3):
-        for j in range(i + 1, 3):
-            assert not set(shards[i]) & set(shards[j])
-    lm = [
-        data.lm_batches(
-            "shakespeare",
-            "test",
-            tokenizer=BYTE,
-            seq_len=64,
-            batch_size=2,
-            data_dir=data_dir,
-            shard_index=i,
-            shard_count=2,
-            num_epochs=1,
-        )
-        for i in range(2)
-    ]
-    texts = [BYTE.decode(np.concatenate([b["targets"][b["weights"] > 0] for b in it])) for it in lm]
-    assert texts[0] and texts[1] and texts[0] != texts[1]
+    assert all(not set(shards[i]) & set(shards[j]) for i, j in [(0, 1), (0, 2), (1, 2)])
+    assert min(map(len, shards)) == 85 // 3
+    lm_shards = []
+    for i in range(2):
+        it = lm("test", seq_len=64, batch_size=2, shard_index=i, shard_count=2, num_epochs=1)
+        lm_shards.append(_documents(np.concatenate([b["targets"][b["weights"] > 0] for b in it])))
+    docs = data.texts("shakespeare", "test", data_dir=data_dir)
+    assert collections.Counter(lm_shards[0] + lm_shards[1]) == collections.Counter(docs)
+    assert not set(lm_shards[0]) & set(lm_shards[1])
 
 
-def test_text_longer_than_seq_len_is_a_clear_error(data_dir):
-    with pytest.raises(
-        ValueError, match="none of the first 85 pairs .* fit seq_len=8.*raise seq_len"
-    ):
-        data.mt_batches(
-            "bible_en_es", "validation", tokenizer=BYTE, seq_len=8, batch_size=2, data_dir=data_dir
-        )
+def test_text_longer_than_seq_len_is_a_clear_error(mt):
+    with pytest.raises(ValueError, match="none of the first 85 pairs .* fit seq_len=8.*raise"):
+        mt("validation", seq_len=8, batch_size=2)
 
 
-def test_long_lm_documents_continue_in_the_next_row(data_dir):
-    b = next(
-        data.lm_batches(
-            "shakespeare",
-            "test",
-            tokenizer=BYTE,
-            seq_len=16,
-            batch_size=4,
-            data_dir=data_dir,
-            packing=False,
-        )
-    )
+def test_long_lm_documents_continue_in_the_next_row(lm):
+    b = next(lm("test", seq_len=16, batch_size=4, packing=False))
     # One ~1,000-byte document split into 16-token rows: nothing dropped, positions restart.
-    assert b["weights"].all() and b["inputs"][0, 0] == 1 and (b["inputs"][1:] > 2).all()
+    assert b["weights"].all() and b["inputs"][0, 0] == BOS and (b["inputs"][1:] > EOS).all()
     np.testing.assert_array_equal(b["inputs"][1:, 0], b["targets"][:-1, -1])
+    np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(16), (4, 16)))
 
 
 @pytest.mark.parametrize(
@@ -308,13 +241,13 @@ def test_long_lm_documents_continue_in_the_next_row(data_dir):
         ({"split": "dev"}, "unknown split 'dev'"),
     ],
 )
-def test_bad_arguments(data_dir, kwargs, match):
+def test_bad_arguments(lm, kwargs, match):
     args = {"split": "test", "seq_len": 16, "batch_size": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
-        data.lm_batches("shakespeare", args.pop("split"), tokenizer=BYTE, data_dir=data_dir, **args)
+        lm(args.pop("split"), **args)
 
 
-def test_wrong_task_is_a_clear_error(data_dir):
+def test_wrong_task_is_a_clear_error():
     with pytest.raises(ValueError, match="not a translation dataset.*bible_en_es"):
         data.mt_batches("shakespeare", "test", tokenizer=BYTE, seq_len=16, batch_size=2)
     with pytest.raises(ValueError, match="not a language-modelling dataset"):
