@@ -17,6 +17,10 @@ def get_config():
     c.model_overrides.n_heads = 4
     c.model_overrides.d_ff = 512
     c.model_overrides.dropout = 0.0
+    # The paper's sqrt(d_model) embedding scale: without it the 0.02-std token embeddings are
+    # drowned by the unit-amplitude sinusoids and the model is stuck at unigram loss for
+    # hundreds of steps.
+    c.model_overrides.embed_scale = True
     c.steps = 600
     c.batch_size = 32
     c.seq_len = 128

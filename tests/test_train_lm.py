@@ -14,21 +14,19 @@ from attnzoo.training import checkpoint, input_pipeline, loop, tasks
 
 def _config(**kw):
     c = lm_tiny.get_config()
-    c.model_overrides.d_model = 64
-    c.model_overrides.d_ff = 128
     c.model_overrides.n_layers = 1
     c.mesh.data = 1  # one device: this test is about learning, test_sharding about meshes
     c.update(
         dict(
-            steps=60,
-            batch_size=16,
-            seq_len=32,
-            eval_every=60,
-            checkpoint_every=30,
+            steps=100,
+            batch_size=32,
+            seq_len=64,
+            eval_every=100,
+            checkpoint_every=50,
             eval_batches=4,
-            log_every=10,
-            warmup_steps=10,
-            learning_rate=1e-2,
+            log_every=20,
+            warmup_steps=20,
+            learning_rate=5e-3,
         ),
         **kw,
     )
@@ -69,7 +67,7 @@ def test_metrics_jsonl_and_tensorboard_are_written(trained):
     _, workdir, _ = trained
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train_loss" in r]
-    assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in train_rows] == [20, 40, 60, 80, 100]
     assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
     assert all(r["train_tokens_per_s"] > 0 and r["train_learning_rate"] > 0 for r in train_rows)
     assert any("eval_loss" in r for r in rows)
@@ -79,7 +77,7 @@ def test_metrics_jsonl_and_tensorboard_are_written(trained):
 def test_load_for_inference_restores_the_trained_params(trained):
     config, workdir, summary = trained
     restored = checkpoint.load_for_inference(str(workdir))
-    assert restored.step == 60 and restored.task == "lm"
+    assert restored.step == 100 and restored.task == "lm"
     assert restored.config.to_dict() == config.to_dict()
     assert restored.model_cfg == tasks.model_config(config, restored.tokenizer.vocab_size)
     # The restored model reproduces the logged eval loss on the same batches.
@@ -106,8 +104,8 @@ def test_load_for_inference_restores_the_trained_params(trained):
 
 def test_load_for_inference_at_an_earlier_step(trained):
     _, workdir, _ = trained
-    early = checkpoint.load_for_inference(str(workdir), step=30)
+    early = checkpoint.load_for_inference(str(workdir), step=50)
     late = checkpoint.load_for_inference(str(workdir))
-    assert early.step == 30
+    assert early.step == 50
     diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), early.params, late.params)
     assert max(jax.tree.leaves(diff)) > 0

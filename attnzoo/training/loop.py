@@ -7,7 +7,6 @@ function runs on one CPU, a TPU slice or several hosts; only ``config.mesh`` and
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -22,9 +21,7 @@ import ml_collections
 import tqdm
 
 from attnzoo.configs import defaults
-from attnzoo.configs import sharding as sharding_rules
-from attnzoo.training import checkpoint, input_pipeline, optim, sharding, steps, tasks
-from attnzoo.training.mesh import make_mesh
+from attnzoo.training import checkpoint, experiment, input_pipeline, sharding, steps
 
 
 class TrainingError(RuntimeError):
@@ -133,38 +130,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if is_main:
         workdir_path.mkdir(parents=True, exist_ok=True)
 
-    mesh = make_mesh(config.mesh)
-    rules = sharding_rules.get(config.sharding)
-    split = sharding.batch_split(mesh, rules)
-    n_proc = jax.process_count()
-    per_micro = config.batch_size // max(config.grad_accum_steps, 1)
-    if (
-        config.batch_size % n_proc
-        or config.batch_size % config.grad_accum_steps
-        or per_micro % split
-    ):
-        raise ValueError(
-            f"batch_size {config.batch_size} must split over {n_proc} processes and into "
-            f"{config.grad_accum_steps} micro-batches each divisible by the {split}-way batch "
-            f"sharding of mesh {dict(mesh.shape)}; change config.batch_size or config.mesh"
-        )
-
     tokenizer = input_pipeline.get_tokenizer(config)
-    model_cfg = tasks.model_config(config, tokenizer.vocab_size)
-    module = tasks.model_module(config.task)
-    tx, schedule = optim.make_optimizer(config, d_model=model_cfg.d_model)
-
-    # Shapes first, then build the state directly in its sharded layout (never a full copy on
-    # one device).
-    graphdef, _ = checkpoint.abstract_params(config.task, model_cfg)
-
-    def init_state():
-        _, params = module.init(model_cfg, jax.random.key(config.seed))
-        return steps.create_state(params, tx, config.seed)
-
-    abstract = jax.eval_shape(init_state)
-    state_sharding = sharding.tree_shardings(abstract, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    exp = experiment.build(config, vocab_size=tokenizer.vocab_size)
+    n_proc = jax.process_count()
 
     ckpt = checkpoint.Checkpoints(
         workdir_path, keep=config.keep_checkpoints, async_save=config.async_checkpoints
@@ -178,37 +146,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         shard_count=n_proc,
     )
     if ckpt.steps():
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract,
-            state_sharding,
-        )
-        state, data_state = ckpt.restore(target)
+        state, data_state = ckpt.restore(exp.abstract_state)
         train_iter.set_state(data_state)
         logging.info("resumed from step %d", int(state.step))
     else:
-        state = jax.jit(init_state, out_shardings=state_sharding)()
-
-    step_fn = functools.partial(
-        steps.train_step,
-        graphdef=graphdef,
-        tx=tx,
-        task=config.task,
-        label_smoothing=config.label_smoothing,
-        z_loss=config.z_loss,
-        grad_accum_steps=config.grad_accum_steps,
-        deterministic=False,
-    )
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(state_sharding, batch_sharding, None),
-        out_shardings=(state_sharding, None),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        functools.partial(steps.eval_step, graphdef=graphdef, task=config.task),
-        in_shardings=(state_sharding.params, batch_sharding),
-    )
+        state = exp.init_state()
 
     logger = _Logger(workdir_path, enabled=is_main)
     preemption = _Preemption()
@@ -223,8 +165,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     try:
         step = start
         while step < config.steps:
-            batch = sharding.put_batch(next(train_iter), batch_sharding)
-            state, metrics = train_step(state, batch, steps.step_rng(state))
+            batch = sharding.put_batch(next(train_iter), exp.batch_sharding)
+            state, metrics = exp.train_step(state, batch, steps.step_rng(state))
             m = _global_mean(metrics)
             if not m.pop("finite"):
                 raise TrainingError(
@@ -238,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 now = time.perf_counter()
-                m["learning_rate"] = float(schedule(step - 1))
+                m["learning_rate"] = float(exp.schedule(step - 1))
                 m["tokens_per_s"] = tokens_since / (now - t_last)
                 t_last, tokens_since = now, 0.0
                 bar.set_postfix(
@@ -252,9 +194,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 eval_metrics = evaluate(
                     config,
                     state.params,
-                    eval_fn=eval_fn,
+                    eval_fn=exp.eval_step,
                     tokenizer=tokenizer,
-                    batch_sharding=batch_sharding,
+                    batch_sharding=exp.batch_sharding,
                 )
                 logger.write(step, eval_metrics)
                 bar.write(
