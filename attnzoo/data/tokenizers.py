@@ -9,6 +9,7 @@ is trained with identity normalization, kept whitespace and byte fallback.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pathlib
 import tempfile
@@ -152,15 +153,17 @@ def _training_sentences(dataset: str, *, data_dir: str, seed: int) -> Iterator[s
     source = sources.data_source(dataset, "train", data_dir=data_dir)
     keys = s.language_pair if s.task == "mt" else (s.text_key,)
     n = min(len(source), MAX_TRAIN_SENTENCES // len(keys))
-    order = np.sort(np.random.default_rng(seed).permutation(len(source))[:n])
-    count = 0
-    for i in order:
-        example = source[int(i)]
-        for key in keys:
-            for line in sources.as_text(example[key]).split("\n"):
-                if line.strip() and count < MAX_TRAIN_SENTENCES:
-                    count += 1
-                    yield line
+    # Sorted for read locality; `choice` without replacement samples n of N without an N-array.
+    indices = np.sort(np.random.default_rng(seed).choice(len(source), size=n, replace=False))
+    examples = (source[int(i)] for i in indices)
+    lines = (
+        line
+        for example in examples
+        for key in keys
+        for line in sources.as_text(example[key]).split("\n")
+        if line.strip()
+    )
+    return itertools.islice(lines, MAX_TRAIN_SENTENCES)
 
 
 def get_tokenizer(
@@ -197,8 +200,8 @@ def get_tokenizer(
         raise ValueError(f"unknown sentencepiece model_type {model_type!r}; use 'unigram' or 'bpe'")
     vocab_size = vocab_size or sources.spec(dataset).vocab_size
     data_dir = data_dir or sources.default_data_dir()
-    name = f"{dataset.replace('/', '_')}.{model_type}{vocab_size}.seed{seed}.model"
-    path = pathlib.Path(data_dir) / "tokenizers" / name
+    filename = f"{dataset.replace('/', '_')}.{model_type}{vocab_size}.seed{seed}.model"
+    path = pathlib.Path(data_dir) / "tokenizers" / filename
     if path.exists():
         return SentencePieceTokenizer.load(path)
     proto = train_sentencepiece(
