@@ -3,7 +3,7 @@
 Kinds: ``sinusoidal``, ``learned``, ``shaw``, ``t5``, ``rope``, ``alibi``, ``xpos``, ``none``.
 """
 
-from attnzoo.models.positional import learned, none, sinusoidal  # noqa: F401  (register kinds)
+from attnzoo.models.positional import learned, none, rope, sinusoidal  # noqa: F401  (register kinds)
 from attnzoo.models.positional.base import (
     Encoding,
     LayerEncoding,

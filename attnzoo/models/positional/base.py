@@ -35,6 +35,8 @@ class PositionConfig:
       rope_factor: context-extension factor of the scaling.
       rope_original_max_len: pre-extension context length the scalings refer to.
       yarn_beta_fast, yarn_beta_slow: YaRN ramp boundaries (in rotations).
+      yarn_attention_factor: YaRN cos/sin amplitude; ``None`` = ``0.1 ln(rope_factor) + 1``.
+      yarn_truncate: round the YaRN ramp boundaries to whole dims (as Hugging Face's default).
       llama3_low_freq_factor, llama3_high_freq_factor: Llama-3 scaling band edges.
       xpos_scale_base: xPos decay base gamma.
       num_buckets, max_distance: T5 relative-position buckets.
@@ -51,6 +53,8 @@ class PositionConfig:
     rope_original_max_len: int = 2048
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
+    yarn_attention_factor: float | None = None
+    yarn_truncate: bool = True
     llama3_low_freq_factor: float = 1.0
     llama3_high_freq_factor: float = 4.0
     xpos_scale_base: float = 512.0
@@ -69,8 +73,16 @@ class Encoding(nnx.Module):
     self-attention vs bidirectional encoder), rngs.
     """
 
-    def __init__(self, config: PositionConfig, *, d_model: int, n_heads: int, head_dim: int,
-                 causal: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: PositionConfig,
+        *,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        causal: bool,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
 
     def embed(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -85,16 +97,18 @@ class Encoding(nnx.Module):
 class LayerEncoding(nnx.Module):
     """Per-attention-layer hooks (no-ops by default)."""
 
-    def __init__(self, config: PositionConfig, *, n_heads: int, head_dim: int, causal: bool,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: PositionConfig, *, n_heads: int, head_dim: int, causal: bool, rngs: nnx.Rngs
+    ):
         self.config = config
 
     def rotate(self, x: jax.Array, positions: jax.Array, *, is_key: bool) -> jax.Array:
         """x: [B, T, N, H] queries (``is_key=False``) or keys, positions [B, T] -> [B, T, N, H]."""
         return x
 
-    def relative(self, q_positions: jax.Array, k_positions: jax.Array
-                 ) -> tuple[jax.Array | None, jax.Array | None]:
+    def relative(
+        self, q_positions: jax.Array, k_positions: jax.Array
+    ) -> tuple[jax.Array | None, jax.Array | None]:
         """-> (rel_k, rel_v), each None or [B, T, S, H] (see ``dot_product_attention``)."""
         return None, None
 
@@ -102,8 +116,9 @@ class LayerEncoding(nnx.Module):
 _REGISTRY: dict[str, tuple[type[Encoding], type[LayerEncoding]]] = {}
 
 
-def register(kind: str, encoding: type[Encoding] = Encoding,
-             layer: type[LayerEncoding] = LayerEncoding) -> None:
+def register(
+    kind: str, encoding: type[Encoding] = Encoding, layer: type[LayerEncoding] = LayerEncoding
+) -> None:
     """Registers a positional kind (called once, in the kind's own module)."""
     _REGISTRY[kind] = (encoding, layer)
 
@@ -127,18 +142,28 @@ def validate(config: PositionConfig, *, head_dim: int) -> None:
             raise ValueError(
                 f"{config.kind} rotates pairs of dims: head_dim * rope_fraction = {head_dim} * "
                 f"{config.rope_fraction} = {rot} must be even and > 0; change head_dim or "
-                "rope_fraction")
+                "rope_fraction"
+            )
 
 
-def make_encoding(config: PositionConfig, *, d_model: int, n_heads: int, head_dim: int,
-                  causal: bool, rngs: nnx.Rngs) -> Encoding:
+def make_encoding(
+    config: PositionConfig,
+    *,
+    d_model: int,
+    n_heads: int,
+    head_dim: int,
+    causal: bool,
+    rngs: nnx.Rngs,
+) -> Encoding:
     validate(config, head_dim=head_dim)
     cls, _ = _lookup(config.kind)
-    return cls(config, d_model=d_model, n_heads=n_heads, head_dim=head_dim, causal=causal,
-               rngs=rngs)
+    return cls(
+        config, d_model=d_model, n_heads=n_heads, head_dim=head_dim, causal=causal, rngs=rngs
+    )
 
 
-def make_layer_encoding(config: PositionConfig, *, n_heads: int, head_dim: int, causal: bool,
-                        rngs: nnx.Rngs) -> LayerEncoding:
+def make_layer_encoding(
+    config: PositionConfig, *, n_heads: int, head_dim: int, causal: bool, rngs: nnx.Rngs
+) -> LayerEncoding:
     _, cls = _lookup(config.kind)
     return cls(config, n_heads=n_heads, head_dim=head_dim, causal=causal, rngs=rngs)
