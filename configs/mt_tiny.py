@@ -1,0 +1,31 @@
+"""English -> Spanish on the bundled Bible corpus: a 2+2-layer Transformer, CPU minutes.
+
+attnzoo-train --config configs/mt_tiny.py --workdir runs/mt
+"""
+
+from attnzoo.configs import defaults
+
+
+def get_config():
+    c = defaults.get_config()
+    c.task = "mt"
+    c.dataset = "bible_en_es"
+    c.tokenizer = "sentencepiece"
+    c.vocab_size = 2000  # shared source/target vocabulary, trained on the train split
+    c.model = "tiny"
+    c.model_overrides.d_model = 128
+    c.model_overrides.n_encoder_layers = 2
+    c.model_overrides.n_decoder_layers = 2
+    c.model_overrides.n_heads = 4
+    c.model_overrides.d_ff = 512
+    c.model_overrides.dropout = 0.0
+    c.steps = 600
+    c.batch_size = 32
+    c.seq_len = 64
+    c.learning_rate = 3e-3
+    c.warmup_steps = 50
+    c.label_smoothing = 0.1  # the paper's epsilon_ls
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    c.bleu_sentences = 0
+    return c
