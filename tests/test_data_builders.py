@@ -3,6 +3,8 @@
 import collections
 import lzma
 import pathlib
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -147,3 +149,25 @@ def test_prepare_failures_say_what_to_do(monkeypatch, tmp_path, error, match):
     monkeypatch.setattr(AttnzooShakespeare, "_split_generators", fail)
     with pytest.raises(ValueError, match=match):
         data.texts("shakespeare", "test", data_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_processes_sharing_a_fresh_data_dir_prepare_once(tmp_path):
+    """Hosts of one job start together on an empty data dir: one prepares, the others wait."""
+    script = (
+        "import sys; from attnzoo import data; "
+        "print(len(data.texts('shakespeare', 'test', data_dir=sys.argv[1])))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert {out.split()[-1] for out, _ in results} == {"114"}  # tfds also prints progress
+    assert [d.name for d in (tmp_path / "attnzoo_shakespeare").iterdir()] == ["1.0.0"]

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import tensorflow_datasets as tfds
 
+from attnzoo.data.locking import file_lock
+
 DATA_DIR_ENV = "ATTNZOO_DATA_DIR"
 SPLITS = ("train", "validation", "test")
 
@@ -116,12 +118,13 @@ def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Seq
         )
     importlib.import_module(s.module)  # registers the builder with tfds
     data_dir = data_dir or default_data_dir()
-    try:
-        builder = tfds.builder(s.tfds_name, data_dir=data_dir, file_format="array_record")
-    except Exception as err:  # unreadable dataset_info.json and the like
-        raise _corrupt_error(s, data_dir, err) from err
+    builder = _builder(s, data_dir)
     if not builder.is_prepared():
-        _prepare(builder, s, data_dir)
+        # Only one process prepares; the others wait, then read what it wrote.
+        with file_lock(_dataset_dir(s, data_dir).with_suffix(".lock")):
+            builder = _builder(s, data_dir)
+            if not builder.is_prepared():
+                _prepare(builder, s, data_dir)
     try:
         source = builder.as_data_source(split=s.splits[split])
         # Cheap probe: a truncated ArrayRecord file fails here rather than mid-epoch.
@@ -135,6 +138,13 @@ def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Seq
             f"{_dataset_dir(s, data_dir)} so it is prepared again"
         )
     return source
+
+
+def _builder(s: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(s.tfds_name, data_dir=data_dir, file_format="array_record")
+    except Exception as err:  # unreadable dataset_info.json and the like
+        raise _corrupt_error(s, data_dir, err) from err
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, s: DatasetSpec, data_dir: str) -> None:

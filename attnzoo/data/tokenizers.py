@@ -20,6 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from attnzoo.data import sources
+from attnzoo.data.locking import file_lock
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Sentences sampled from the train split for sentencepiece training: enough for a stable
@@ -202,16 +203,17 @@ def get_tokenizer(
     data_dir = data_dir or sources.default_data_dir()
     filename = f"{dataset.replace('/', '_')}.{model_type}{vocab_size}.seed{seed}.model"
     path = pathlib.Path(data_dir) / "tokenizers" / filename
-    if path.exists():
-        return SentencePieceTokenizer.load(path)
-    proto = train_sentencepiece(
-        _training_sentences(dataset, data_dir=data_dir, seed=seed),
-        vocab_size=vocab_size,
-        model_type=model_type,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename: processes training the same (deterministic) model never see half a file.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(proto)
-    os.replace(f.name, path)
-    return SentencePieceTokenizer(proto, path=str(path))
+    if not path.exists():
+        # One process trains; the others wait for the file (training is deterministic anyway).
+        with file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                proto = train_sentencepiece(
+                    _training_sentences(dataset, data_dir=data_dir, seed=seed),
+                    vocab_size=vocab_size,
+                    model_type=model_type,
+                )
+                # Write-then-rename: a reader never sees half a file.
+                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                    f.write(proto)
+                os.replace(f.name, path)
+    return SentencePieceTokenizer.load(path)
