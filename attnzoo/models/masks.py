@@ -19,7 +19,7 @@ def causal(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     Returns:
       [B, 1, Tq, Tk] bool.
     """
-    return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+    return k_positions[:, None, None, :] <= q_positions[:, None, :, None]
 
 
 def causal_square(length: int) -> jax.Array:

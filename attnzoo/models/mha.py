@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from attnzoo.models import masks
 from attnzoo.models.attention import dot_product_attention
 from attnzoo.models.layers import Dense, Norm
 from attnzoo.models.positional import PositionConfig, make_layer_encoding
@@ -35,8 +34,10 @@ class KVCache:
     def write(self, k_new: jax.Array, v_new: jax.Array, index: jax.Array) -> KVCache:
         """Writes k/v_new [B, T, K, H] at per-row slot ``index`` [B]."""
         put = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
-        return KVCache(k=put(self.k, k_new.astype(self.k.dtype), index),
-                       v=put(self.v, v_new.astype(self.v.dtype), index))
+        return KVCache(
+            k=put(self.k, k_new.astype(self.k.dtype), index),
+            v=put(self.v, v_new.astype(self.v.dtype), index),
+        )
 
 
 def write_positions(positions: jax.Array, new_positions: jax.Array, index: jax.Array) -> jax.Array:
@@ -64,17 +65,33 @@ class MultiHeadAttention(nnx.Module):
       implementation: attention path (see ``dot_product_attention``).
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
-                 head_dim: int | None = None, position: PositionConfig | None = None,
-                 causal: bool = False, sliding_window: int | None = None,
-                 use_bias: bool = False, qk_norm: bool = False, dropout: float = 0.0,
-                 scale: float | None = None, implementation: str | None = None,
-                 norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        position: PositionConfig | None = None,
+        causal: bool = False,
+        sliding_window: int | None = None,
+        use_bias: bool = False,
+        qk_norm: bool = False,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        implementation: str | None = None,
+        norm_eps: float = 1e-6,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         n_kv_heads = n_kv_heads or n_heads
         if head_dim is None:
             if d_model % n_heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}), "
-                                 "or set head_dim explicitly")
+                raise ValueError(
+                    f"d_model ({d_model}) must be divisible by n_heads ({n_heads}), "
+                    "or set head_dim explicitly"
+                )
             head_dim = d_model // n_heads
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
@@ -89,8 +106,11 @@ class MultiHeadAttention(nnx.Module):
         self.o = Dense((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", in_dims=2, **kw)
         self.q_norm = Norm(H, kind="rmsnorm", eps=norm_eps, rngs=rngs) if qk_norm else None
         self.k_norm = Norm(H, kind="rmsnorm", eps=norm_eps, rngs=rngs) if qk_norm else None
-        self.position = (make_layer_encoding(position, n_heads=N, head_dim=H, causal=causal,
-                                             rngs=rngs) if position is not None else None)
+        self.position = (
+            make_layer_encoding(position, n_heads=N, head_dim=H, causal=causal, rngs=rngs)
+            if position is not None
+            else None
+        )
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of a cross-attention source [B, S, D] -> 2 x [B, S, K, H].
@@ -150,12 +170,6 @@ class MultiHeadAttention(nnx.Module):
             k, v = cache.k, cache.v
         if k_positions is None:
             k_positions = q_positions if is_self else None
-        if is_self:
-            if self.causal:
-                mask = masks.combine(mask, masks.causal(q_positions, k_positions))
-            if self.sliding_window is not None:
-                mask = masks.combine(
-                    mask, masks.sliding_window(q_positions, k_positions, self.sliding_window))
         rel_k = rel_v = None
         if is_self and self.position is not None:
             rel_k, rel_v = self.position.relative(q_positions, k_positions)
@@ -164,9 +178,23 @@ class MultiHeadAttention(nnx.Module):
             if rngs is None:
                 raise ValueError("attention dropout needs rngs when deterministic=False")
             dropout_rng = rngs.dropout()
+        # Causal and sliding-window masks go in as structure (positions), not dense arrays, so
+        # the blockwise path never materialises a [T, S] mask.
         out = dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias, scale=self.scale,
-            rel_k=rel_k, rel_v=rel_v,
-            dropout_rate=0.0 if deterministic else self.dropout, dropout_rng=dropout_rng,
-            implementation=self.implementation)
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask=mask,
+            bias=bias,
+            scale=self.scale,
+            rel_k=rel_k,
+            rel_v=rel_v,
+            dropout_rate=0.0 if deterministic else self.dropout,
+            dropout_rng=dropout_rng,
+            implementation=self.implementation,
+            causal=is_self and self.causal,
+            sliding_window=self.sliding_window if is_self else None,
+            q_positions=q_positions,
+            k_positions=k_positions,
+        )
         return self.o(out), cache

@@ -1,0 +1,320 @@
+"""Memory-efficient attention: online softmax over key blocks (Rabe & Staats 2021; Dao et al. 2022).
+
+Queries are cut into blocks of ``q_block`` rows (``lax.map``) and, for each, keys and values
+into blocks of ``k_block`` columns (``lax.scan``). A running max ``m``, normaliser ``l`` and
+unnormalised output ``acc`` are rescaled as each key block arrives, so no [T, S] array is ever
+built. A ``jax.custom_vjp`` backward recomputes each block's probabilities from the saved
+log-sum-exp (FlashAttention-2, Algorithm 2) instead of letting autodiff store them: forward
+*and* backward memory is O(T * block).
+
+The masks most attention needs are *structured*: causal, sliding window and packed segments
+are functions of the query/key positions and segment ids, so each block's mask is built inside
+the loop from [B, T] integer vectors. Dense ``mask`` / ``bias`` arrays broadcastable to
+[B, N, T, S] are also accepted (sliced per block), for padding masks or ALiBi/T5 biases.
+
+Semantics match the einsum path exactly, including rows whose every key is masked (they average
+all values, as softmax over equal ``_NEG_INF`` logits does).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Same masked-logit value as attention._einsum_attention, so fully masked rows agree.
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Keys that only exist because S was padded to a multiple of k_block: below every real logit,
+# including masked ones, so they get exactly zero weight even in fully masked rows.
+_PAD_LOGIT = float(jnp.finfo(jnp.float32).min)
+
+
+class _Static(NamedTuple):
+    scale: float
+    causal: bool
+    window: int | None
+    q_block: int
+    k_block: int
+    q_len: int  # T before padding
+    k_len: int  # S before padding
+    n_kv: int  # K
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    q_positions: jax.Array | None = None,
+    k_positions: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
+    q_block: int = 512,
+    k_block: int = 512,
+) -> jax.Array:
+    """Attention in O(T * block) memory, forward and backward.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [B, S, K, H] keys and values, ``N % K == 0`` (MHA, GQA, MQA).
+      mask: bool broadcastable to [B, N, T, S] (``True`` = may attend), or None.
+      bias: float broadcastable to [B, N, T, S], added to the scaled logits (differentiable).
+      causal: keep keys with ``k_pos <= q_pos`` (``masks.causal``).
+      sliding_window: keep keys with ``0 <= q_pos - k_pos < window`` (``masks.sliding_window``).
+      q_positions, k_positions: [B, T], [B, S] int; default ``0..T-1`` and ``0..S-1``.
+      q_segment_ids, k_segment_ids: [B, T], [B, S] int packed-segment ids, 0 = padding
+        (``masks.segment``); give both or neither.
+      q_block, k_block: block sizes (clipped to T and S). Peak memory ~ B*N*q_block*k_block.
+    Returns:
+      [B, T, N, H] in the dtype of ``q``; softmax statistics are float32.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("give both q_segment_ids and k_segment_ids, or neither")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if q_block < 1 or k_block < 1:
+        raise ValueError(f"block sizes must be >= 1, got q_block={q_block}, k_block={k_block}")
+    tq, tk = min(q_block, T), min(k_block, S)
+    Tp, Sp = -(-T // tq) * tq, -(-S // tk) * tk  # padded to whole blocks
+    st = _Static(
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        causal=causal,
+        window=sliding_window,
+        q_block=tq,
+        k_block=tk,
+        q_len=T,
+        k_len=S,
+        n_kv=K,
+    )
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if k_positions is None:
+        k_positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    pad_t = lambda x, n, axis: _pad_axis(x, axis, n) if x is not None else None
+    qp = pad_t(q, Tp, 1)
+    kp, vp = pad_t(k, Sp, 1), pad_t(v, Sp, 1)
+    ints = (
+        pad_t(jnp.broadcast_to(q_positions, (B, T)).astype(jnp.int32), Tp, 1),
+        pad_t(jnp.broadcast_to(k_positions, (B, S)).astype(jnp.int32), Sp, 1),
+        pad_t(q_segment_ids, Tp, 1),
+        pad_t(k_segment_ids, Sp, 1),
+    )
+    mask4 = _pad_dense(mask, T, S, Tp, Sp)
+    bias4 = _pad_dense(bias, T, S, Tp, Sp)
+    out = _flash(st, qp, kp, vp, bias4, ints, mask4)  # (B, Tp, N, H)
+    return out[:, :T]
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _pad_dense(x, T, S, Tp, Sp):
+    """Broadcastable mask/bias -> 4-D [B|1, N|1, T|1, S|1], full dims padded to Tp / Sp."""
+    if x is None:
+        return None
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    if x.shape[2] == T and T != 1:
+        x = _pad_axis(x, 2, Tp)
+    if x.shape[3] == S and S != 1:
+        x = _pad_axis(x, 3, Sp)
+    return x
+
+
+# ---- per-block helpers ---------------------------------------------------------------------
+
+
+def _rows(x: jax.Array | None, start, size: int, axis: int):
+    """Block ``[start, start+size)`` of ``x`` along ``axis``; broadcast (size-1) axes kept."""
+    if x is None or x.shape[axis] == 1:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _group(x: jax.Array, K: int) -> jax.Array:
+    """[B|1, N|1, tq, tk] -> [B|1, K|1, G|1, tq, tk], matching the grouped logits layout."""
+    b, n, t, s = x.shape
+    if n == 1:
+        return x[:, :, None]
+    return x.reshape(b, K, n // K, t, s)
+
+
+def _ungroup_reduce(ds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Logit cotangent [B, K, G, tq, tk] -> summed over the axes a bias of ``shape`` broadcasts."""
+    b, kk, g, t, s = ds.shape
+    ds = ds.reshape(b, kk * g, t, s)
+    axes = tuple(a for a in range(4) if shape[a] == 1 and ds.shape[a] != 1)
+    return ds.sum(axes, keepdims=True) if axes else ds
+
+
+def _block_logits(st: _Static, qi, kj, bias4, ints, mask4, i, j):
+    """Masked, scaled float32 logits of query block i against key block j.
+
+    qi: [B, tq, K, G, H], kj: [B, tk, K, H] -> (logits [B, K, G, tq, tk], allowed mask).
+    """
+    tq, tk = st.q_block, st.k_block
+    q0, k0 = i * tq, j * tk
+    s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * st.scale
+    if bias4 is not None:
+        b = _rows(_rows(bias4, q0, tq, 2), k0, tk, 3)
+        s = s + _group(b, st.n_kv).astype(jnp.float32)
+    qpos, kpos, qseg, kseg = ints
+    allowed = None
+
+    def conj(a, b):
+        return b if a is None else a & b
+
+    qp, kp = (
+        _rows(qpos, q0, tq, 1)[:, :, None],
+        _rows(kpos, k0, tk, 1)[:, None, :],
+    )  # (B,tq,1) (B,1,tk)
+    if st.causal:
+        allowed = conj(allowed, kp <= qp)
+    if st.window is not None:
+        delta = qp - kp
+        allowed = conj(allowed, (delta >= 0) & (delta < st.window))
+    if qseg is not None:
+        qs, ks = _rows(qseg, q0, tq, 1)[:, :, None], _rows(kseg, k0, tk, 1)[:, None, :]
+        allowed = conj(allowed, (qs == ks) & (ks != 0))
+    if allowed is not None:
+        allowed = allowed[:, None, None]  # (B, 1, 1, tq, tk)
+    if mask4 is not None:
+        allowed = conj(allowed, _group(_rows(_rows(mask4, q0, tq, 2), k0, tk, 3), st.n_kv))
+    if allowed is not None:
+        s = jnp.where(allowed, s, _NEG_INF)
+    real_key = (k0 + jnp.arange(tk)) < st.k_len  # (tk,)
+    s = jnp.where(real_key, s, _PAD_LOGIT)
+    keep = real_key if allowed is None else allowed & real_key
+    return s, keep
+
+
+def _split_heads(q: jax.Array, K: int) -> jax.Array:
+    B, T, N, H = q.shape
+    return q.reshape(B, T, K, N // K, H)  # (B, T, K, G, H): query heads grouped by kv head
+
+
+# ---- forward / backward ----------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st, q, k, v, bias4, ints, mask4):
+    return _forward(st, q, k, v, bias4, ints, mask4)[0]
+
+
+def _forward(st: _Static, q, k, v, bias4, ints, mask4):
+    """q: [B, Tp, N, H], k/v: [B, Sp, K, H] -> (out [B, Tp, N, H], stats [2, B, K, G, Tp]).
+
+    ``stats`` holds each row's logit max and 1 / softmax normaliser, for the backward.
+    """
+    B, Tp, N, H = q.shape
+    K, tq, tk = st.n_kv, st.q_block, st.k_block
+    G, nk = N // K, k.shape[1] // tk
+    qg = _split_heads(q, K)
+
+    def q_step(i):
+        qi = _rows(qg, i * tq, tq, 1)
+
+        def k_step(carry, j):
+            m, l, acc = carry
+            kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
+            s, _ = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)  # rescales the earlier blocks to the new max
+            l = l * corr + p.sum(-1)
+            pv = jnp.einsum(
+                "bkgqs,bskh->bkgqh", p.astype(v.dtype), vj, preferred_element_type=jnp.float32
+            )
+            return (m_new, l, acc * corr[..., None] + pv), None
+
+        init = (
+            jnp.full((B, K, G, tq), -jnp.inf, jnp.float32),
+            jnp.zeros((B, K, G, tq), jnp.float32),
+            jnp.zeros((B, K, G, tq, H), jnp.float32),
+        )
+        (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(nk))
+        out = (acc / l[..., None]).astype(q.dtype)  # (B, K, G, tq, H)
+        # m and 1/l, not lse = m + log l: in a fully masked row m = _NEG_INF swallows log l.
+        return out, jnp.stack([m, 1.0 / l])
+
+    # (nq, B, K, G, tq, H), (nq, 2, B, K, G, tq)
+    outs, stats = jax.lax.map(q_step, jnp.arange(Tp // tq))
+    out = jnp.transpose(outs, (1, 0, 4, 2, 3, 5)).reshape(B, Tp, N, H)
+    stats = jnp.transpose(stats, (1, 2, 3, 4, 0, 5)).reshape(2, B, K, G, Tp)
+    return out, stats
+
+
+def _flash_fwd(st, q, k, v, bias4, ints, mask4):
+    out, stats = _forward(st, q, k, v, bias4, ints, mask4)
+    return out, (q, k, v, bias4, ints, mask4, out, stats)
+
+
+def _flash_bwd(st, res, dout):
+    q, k, v, bias4, ints, mask4, out, (row_max, inv_sum) = res
+    B, Tp, N, H = q.shape
+    K, tq, tk = st.n_kv, st.q_block, st.k_block
+    nq, nk = Tp // tq, k.shape[1] // tk
+    qg, dog = _split_heads(q, K), _split_heads(dout.astype(jnp.float32), K)
+    # D_i = rowsum(dO * O) = sum_j P_ij dP_ij, the softmax-backward correction term.
+    delta = jnp.einsum("btkgh,btkgh->bkgt", dog, _split_heads(out.astype(jnp.float32), K))
+
+    def k_step(dq, j):
+        kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
+
+        def q_step(carry, i):
+            dq, dk, dv = carry
+            qi, doi = _rows(qg, i * tq, tq, 1), _rows(dog, i * tq, tq, 1)
+            s, keep = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
+            m, inv_l = _rows(row_max, i * tq, tq, 3), _rows(inv_sum, i * tq, tq, 3)
+            p = jnp.exp(s - m[..., None]) * inv_l[..., None]  # (B, K, G, tq, tk)
+            dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p, doi)
+            dp = jnp.einsum("bqkgh,bskh->bkgqs", doi, vj.astype(jnp.float32))
+            ds = p * (dp - _rows(delta, i * tq, tq, 3)[..., None])
+            ds = jnp.where(keep, ds, 0.0)  # masked logits are constants: no gradient
+            dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds, kj.astype(jnp.float32)) * st.scale
+            dq = jax.lax.dynamic_update_slice_in_dim(
+                dq, _rows(dq, i * tq, tq, 1) + dqi, i * tq, axis=1
+            )
+            dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, qi.astype(jnp.float32)) * st.scale
+            dbias = None if bias4 is None else _ungroup_reduce(ds, bias4.shape)
+            return (dq, dk, dv), dbias
+
+        zeros_kv = jnp.zeros((B, tk, K, H), jnp.float32)
+        (dq, dk, dv), dbias = jax.lax.scan(q_step, (dq, zeros_kv, zeros_kv), jnp.arange(nq))
+        return dq, (dk, dv, dbias)
+
+    dq0 = jnp.zeros(qg.shape, jnp.float32)
+    dq, (dks, dvs, dbias) = jax.lax.scan(k_step, dq0, jnp.arange(nk))
+    # (nk, B, tk, K, H) -> (B, Sp, K, H)
+    dk = jnp.transpose(dks, (1, 0, 2, 3, 4)).reshape(k.shape).astype(k.dtype)
+    dv = jnp.transpose(dvs, (1, 0, 2, 3, 4)).reshape(v.shape).astype(v.dtype)
+    dq = dq.reshape(q.shape).astype(q.dtype)
+    if dbias is not None:
+        dbias = _assemble_bias_grad(dbias, bias4.shape).astype(bias4.dtype)
+    int_zeros = jax.tree.map(lambda _: None, ints)
+    return dq, dk, dv, dbias, int_zeros, None
+
+
+def _assemble_bias_grad(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Per-block bias cotangents [nk, nq, b, n, tq|1, tk|1] -> ``shape`` [b, n, Tp|1, Sp|1]."""
+    nk, nq, b, n, a, c = blocks.shape
+    g = jnp.transpose(blocks, (2, 3, 1, 4, 0, 5)).reshape(b, n, nq * a, nk * c)
+    if shape[2] == 1:
+        g = g.sum(2, keepdims=True)
+    if shape[3] == 1:
+        g = g.sum(3, keepdims=True)
+    return g
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
