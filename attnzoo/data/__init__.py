@@ -1,8 +1,15 @@
 """Data: tfds builders for the bundled corpora, tokenizers and grain input pipelines.
 
-Every dataset (bundled ``shakespeare`` and ``bible_en_es``; ``lm1b`` and ``wmt14_translate/de-en``
-for users with internet) is prepared as ArrayRecord by tfds, read with ``tfds.data_source`` and
-fed through grain. See ``attnzoo/data/corpora/README.md`` for provenance and licences.
+Every dataset (bundled ``shakespeare`` and ``bible_en_es``; ``lm1b``, ``wmt14_translate/de-en``
+and ``wmt17_translate/de-en`` (also ``/en-de``) for users with internet) is prepared as ArrayRecord
+by tfds on first use, read as a tfds data source and fed through grain::
+
+    tok = data.get_tokenizer("sentencepiece", dataset="shakespeare")  # trained once, cached
+    it = data.lm_batches("shakespeare", "train", tokenizer=tok, seq_len=256, batch_size=8)
+    batch = next(it)  # inputs, targets, segment_ids, positions, weights: each [8, 256]
+    state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes at the next batch
+
+See ``attnzoo/data/corpora/README.md`` for provenance and licences of the bundled corpora.
 """
 
 from attnzoo.data.pipeline import lm_batches, mt_batches

@@ -20,7 +20,7 @@ if none of the first examples fit, ``mt_batches`` raises instead of silently pro
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -209,7 +209,14 @@ def _examples(
     return ds.shuffle(seed=seed)
 
 
-def _require_some_fit(ds: grain.MapDataset, fits, *, dataset: str, split: str, seq_len: int):
+def _require_some_fit(
+    ds: grain.MapDataset,
+    fits: Callable[[dict[str, np.ndarray]], bool],
+    *,
+    dataset: str,
+    split: str,
+    seq_len: int,
+) -> None:
     """Fails fast where filtering would silently drop everything (an endless or empty epoch)."""
     probe = [ds[i] for i in range(min(len(ds), _LENGTH_PROBE))]
     kept = sum(map(fits, probe))
@@ -256,7 +263,7 @@ class _SplitAndPad(grain.experimental.FlatMapTransform):
         return rows
 
 
-def _padded_stack(batch_size: int):
+def _padded_stack(batch_size: int) -> Callable[[Sequence[Batch]], Batch]:
     """Stacks rows to ``[batch_size, ...]``, padding a final short batch with all-zero rows.
 
     Fixed shapes mean one compiled step, and evaluation keeps its last examples (zero rows
