@@ -231,3 +231,16 @@ def test_bad_inputs_have_clear_errors(models):
         decoder_lm.apply(g, p, jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="explicit positions"):
         decoder_lm.apply(g, p, jnp.zeros((1, 2), jnp.int32), cache=decoder_lm.init_cache(cfg, 1, 4))
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_cache_take_reorders_rows_like_beam_search(models, tokens, layout):
+    cfg, g, p = models[layout]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
+    _, cache = decoder_lm.apply(
+        g, p, tokens[:, :6], pos[:, :6], cache=decoder_lm.init_cache(cfg, 2, T)
+    )
+    rows = jnp.array([1, 1, 0])  # expand to 3 rows: row 1 twice, then row 0
+    taken = cache.take(rows)
+    logits, _ = decoder_lm.apply(g, p, tokens[rows, 6:7], pos[rows, 6:7], cache=taken)
+    _close(logits, decoder_lm.apply(g, p, tokens[:, :7])[rows, 6:7])

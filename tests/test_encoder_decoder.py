@@ -139,6 +139,16 @@ def test_incremental_decoding_matches_teacher_forcing(model, batch, scan):
         logits, cache = step(cache, tgt[:, t : t + 1], pos[:, t : t + 1])
         outs.append(logits)
     _close(jnp.concatenate(outs, 1), full)
+    # beam-search style reordering of every cache, self- and cross-attention alike
+    rows = jnp.array([1, 0, 1])
+    full_rows = ed.apply(g, p, src[rows], tgt[rows], src_seg[rows])
+    cache = ed.fill_cross_cache(g, p, ed.init_cache(cfg, 2, 8), encoded)
+    _, cache = step(cache, tgt[:, :4], pos[:, :4])
+    taken = cache.take(rows)
+    logits, _ = ed.decode(
+        g, p, zeros[rows], src_seg[rows], tgt[rows, 4:5], tgt_positions=pos[rows, 4:5], cache=taken
+    )
+    _close(logits, full_rows[:, 4:5])
 
 
 def test_first_decode_call_fills_the_cross_cache(model, batch):

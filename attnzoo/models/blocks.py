@@ -299,3 +299,12 @@ def relayout_layers(
             pure[key] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
     nnx.replace_by_pure_dict(out, pure)
     return target, graphdef, out
+
+
+def take_layers(layers: tuple[KVCache, ...] | KVCache | None, rows: jax.Array):
+    """Batch rows ``rows`` [B'] of per-layer caches (a tuple of [B, ...] caches, or one stacked
+    [L, B, ...] cache from a scanned stack). Beam search reorders and expands caches with it."""
+    if layers is None:
+        return None
+    axis = 1 if isinstance(layers, KVCache) else 0
+    return jax.tree.map(lambda a: jnp.take(a, rows, axis=axis), layers)

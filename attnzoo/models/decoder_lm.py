@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models import masks
-from attnzoo.models.blocks import Block, make_stack, relayout_layers, run_stack, validate_config
+from attnzoo.models.blocks import (
+    Block,
+    make_stack,
+    relayout_layers,
+    run_stack,
+    take_layers,
+    validate_config,
+)
 from attnzoo.models.layers import Dense, Embed, Norm, normal
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
@@ -195,6 +202,14 @@ class Cache:
     index: jax.Array  # [B] int32
     positions: jax.Array  # [B, S_max] int32, EMPTY_POSITION where nothing was written
     layers: tuple[KVCache, ...] | KVCache
+
+    def take(self, rows: jax.Array) -> Cache:
+        """The cache of batch rows ``rows`` [B'] int (beam search: reorder / expand beams)."""
+        return Cache(
+            index=self.index[rows],
+            positions=self.positions[rows],
+            layers=take_layers(self.layers, rows),
+        )
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models import masks
-from attnzoo.models.blocks import Block, make_stack, relayout_layers, run_stack, validate_config
+from attnzoo.models.blocks import (
+    Block,
+    make_stack,
+    relayout_layers,
+    run_stack,
+    take_layers,
+    validate_config,
+)
 from attnzoo.models.decoder_lm import final_norm, positions_from_segments
 from attnzoo.models.layers import Dense, Embed, normal, param
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
@@ -173,6 +180,15 @@ class Cache:
     positions: jax.Array  # [B, T_max] int32, EMPTY_POSITION where nothing was written
     layers: tuple[KVCache, ...] | KVCache
     cross: tuple[KVCache, ...] | KVCache | None = None
+
+    def take(self, rows: jax.Array) -> Cache:
+        """The cache of batch rows ``rows`` [B'] int (beam search: reorder / expand beams)."""
+        return Cache(
+            index=self.index[rows],
+            positions=self.positions[rows],
+            layers=take_layers(self.layers, rows),
+            cross=take_layers(self.cross, rows),
+        )
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
