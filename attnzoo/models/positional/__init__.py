@@ -3,7 +3,17 @@
 Kinds: ``sinusoidal``, ``learned``, ``shaw``, ``t5``, ``rope``, ``alibi``, ``xpos``, ``none``.
 """
 
-from attnzoo.models.positional import learned, none, rope, sinusoidal  # noqa: F401  (register kinds)
+from attnzoo.models.positional import (  # noqa: F401  (importing a kind registers it)
+    alibi,
+    learned,
+    none,
+    rope,
+    shaw,
+    sinusoidal,
+    t5,
+    xpos,
+)
+from attnzoo.models.positional.alibi import alibi_bias, alibi_slopes
 from attnzoo.models.positional.base import (
     Encoding,
     LayerEncoding,
@@ -14,9 +24,18 @@ from attnzoo.models.positional.base import (
     register,
     validate,
 )
+from attnzoo.models.positional.rope import apply_rope, rope_inv_freq
 from attnzoo.models.positional.sinusoidal import sinusoidal_table
+from attnzoo.models.positional.t5 import t5_bucket
+from attnzoo.models.positional.xpos import apply_xpos
 
 __all__ = [
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "apply_xpos",
+    "rope_inv_freq",
+    "t5_bucket",
     "Encoding",
     "LayerEncoding",
     "PositionConfig",

@@ -21,8 +21,7 @@ def sinusoidal_table(positions: jax.Array, d_model: int, *, base: float = 10000.
     inv_freq = base ** (-2.0 * i / d_model)  # [D/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
     # interleave so dim 2i is sin and dim 2i+1 is cos, exactly as in the paper
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
-        *positions.shape, d_model)
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, d_model)
 
 
 class Sinusoidal(Encoding):
