@@ -158,7 +158,7 @@ def _marian_batch():
     return src, src_mask, tgt, tgt_mask
 
 
-def _marian_logits(model, src, src_mask, tgt, tgt_mask):
+def _seq2seq_logits(model, src, src_mask, tgt, tgt_mask):
     with torch.no_grad():
         return model(
             input_ids=torch.from_numpy(src),
@@ -173,7 +173,7 @@ def test_marian_parity_and_round_trip(marian, scan_layers):
     cfg, g, p = convert.from_transformers(marian, scan_layers=scan_layers)
     assert (cfg.pre_norm, cfg.embed_scale, cfg.activation) == (False, True, "silu")
     src, src_mask, tgt, tgt_mask = _marian_batch()
-    ref = _marian_logits(marian, src, src_mask, tgt, tgt_mask)
+    ref = _seq2seq_logits(marian, src, src_mask, tgt, tgt_mask)
     ours = ed.apply(g, p, *map(jnp.asarray, (src, tgt, src_mask, tgt_mask)))
     name = f"marian ({'scanned' if scan_layers else 'unrolled'})"
     assert _max_diff(name, ours, ref, tgt_mask) < TOL
@@ -184,7 +184,7 @@ def test_marian_incremental_decoding_matches_torch(marian):
     cfg, g, p = convert.from_transformers(marian)
     src, src_mask, tgt, _ = _marian_batch()
     ones = np.ones_like(tgt)
-    ref = _marian_logits(marian, src, src_mask, tgt, ones)
+    ref = _seq2seq_logits(marian, src, src_mask, tgt, ones)
     encoded = ed.encode(g, p, jnp.asarray(src), jnp.asarray(src_mask))
     cache = ed.init_cache(cfg, 2, tgt.shape[1])
     outs = []
@@ -206,6 +206,46 @@ def test_marian_incremental_decoding_matches_torch(marian):
 def test_marian_sinusoids_match_transformers(marian):
     table = marian.state_dict()["model.encoder.embed_positions.weight"].numpy()
     np.testing.assert_array_equal(convert.marian_sinusoids(*table.shape), table)
+
+
+# ---- T5 ------------------------------------------------------------------------------------
+
+
+def _t5(version: str):
+    torch.manual_seed(0)
+    kw = dict(
+        vocab_size=V,
+        d_model=64,
+        d_kv=16,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    if version == "v1_1":  # gated GELU (tanh), head not scaled, 6 heads of 16 dims != d_model
+        kw.update(feed_forward_proj="gated-gelu", d_ff=96, num_heads=6, tie_word_embeddings=False)
+    else:
+        kw.update(feed_forward_proj="relu", d_ff=128)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(**kw)).eval()
+
+
+@pytest.mark.parametrize("version", ["v1_0", "v1_1"])
+def test_t5_parity_and_round_trip(version):
+    t5 = _t5(version)
+    cfg, g, p = convert.from_transformers(t5)
+    assert cfg.position.kind == "t5" and cfg.pre_norm and cfg.attention_scale == 1.0
+    assert cfg.gated_mlp == (version == "v1_1") and cfg.scale_tied_logits == (version == "v1_0")
+    # sequences longer than max_distance exercise the logarithmic buckets
+    src, src_mask = _padded(4, (2, 24), n_pad=5, low=2)
+    tgt, tgt_mask = _padded(5, (2, 20), n_pad=6, low=2)
+    ref = _seq2seq_logits(t5, src, src_mask, tgt, tgt_mask)
+    ours = ed.apply(g, p, *map(jnp.asarray, (src, tgt, src_mask, tgt_mask)))
+    assert _max_diff(f"t5 {version}", ours, ref, tgt_mask) < TOL
+    _assert_round_trip(t5, cfg, p)
 
 
 # ---- safetensors and errors ----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Weight conversion between Hugging Face transformers checkpoints and attnzoo params.
 
-Families: GPT-2 (``GPT2LMHeadModel``), LLaMA (``LlamaForCausalLM``) and Marian
-(``MarianMTModel``: the paper's post-LN, sqrt(d_model)-scaled, sinusoidal encoder-decoder)::
+Families: GPT-2 (``GPT2LMHeadModel``), LLaMA (``LlamaForCausalLM``), Marian (``MarianMTModel``:
+the paper's post-LN, sqrt(d_model)-scaled, sinusoidal encoder-decoder) and T5 v1.0/v1.1
+(``T5ForConditionalGeneration``)::
 
     cfg, graphdef, params = convert.from_transformers(hf_torch_model)
     cfg, graphdef, params = convert.from_safetensors("path/to/checkpoint_dir")  # no torch needed
@@ -114,7 +115,8 @@ def from_transformers(
     hf_model: Any, *, scan_layers: bool = False
 ) -> tuple[Any, nnx.GraphDef, nnx.State]:
     """A transformers PyTorch model (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
-    ``MarianMTModel``) -> (cfg, graphdef, params) computing the same logits."""
+    ``MarianMTModel``, ``T5ForConditionalGeneration``) -> (cfg, graphdef, params) computing the
+    same logits."""
     family = family_of(hf_model.config)
     return from_state_dict(family, hf_model.config, hf_model.state_dict(), scan_layers=scan_layers)
 
@@ -180,12 +182,17 @@ def to_transformers(
 
 
 def _infer_family(cfg: Any) -> str:
+    kind, norm = cfg.position.kind, cfg.norm
     if isinstance(cfg, encoder_decoder.Config):
-        return "marian"
-    if cfg.position.kind == "learned" and cfg.norm == "layernorm" and cfg.tie_embeddings:
-        return "gpt2"
-    if cfg.position.kind == "rope" and cfg.norm == "rmsnorm" and cfg.gated_mlp:
-        return "llama"
-    raise ValueError(
-        f"cannot tell the Hugging Face family of this config; pass family= one of {FAMILIES}"
-    )
+        family = {"learned": "marian", "t5": "t5"}.get(kind)
+    elif kind == "learned" and norm == "layernorm" and cfg.tie_embeddings:
+        family = "gpt2"
+    elif kind == "rope" and norm == "rmsnorm" and cfg.gated_mlp:
+        family = "llama"
+    else:
+        family = None
+    if family is None:
+        raise ValueError(
+            f"cannot tell the Hugging Face family of this config; pass family= one of {FAMILIES}"
+        )
+    return family

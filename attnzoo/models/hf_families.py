@@ -18,7 +18,7 @@ import numpy as np
 from attnzoo.models import decoder_lm, encoder_decoder
 from attnzoo.models.positional import PositionConfig
 
-FAMILIES = ("gpt2", "llama", "marian")
+FAMILIES = ("gpt2", "llama", "marian", "t5")
 Path = tuple[Any, ...]  # a param path in nnx.to_pure_dict(params), e.g. ("blocks", 0, "mlp", ...)
 
 
@@ -323,8 +323,76 @@ def _marian_rules(cfg: encoder_decoder.Config) -> Iterator[Rule]:
         yield _same(("embed", "embedding"), key)
 
 
+# ---- T5 ------------------------------------------------------------------------------------
+
+
+def _t5_config(c: Any) -> encoder_decoder.Config:
+    # T5 v1.0 ties the head to the shared table and scales the decoder output by d**-0.5;
+    # v1.1 (saved with tie_word_embeddings=False) uses lm_head unscaled.
+    scaled = bool(getattr(c, "scale_decoder_outputs", c.tie_word_embeddings))
+    return encoder_decoder.Config.t5_small().replace(
+        vocab_size=c.vocab_size,
+        d_model=c.d_model,
+        n_encoder_layers=c.num_layers,
+        n_decoder_layers=c.num_decoder_layers,
+        n_heads=c.num_heads,
+        head_dim=c.d_kv,
+        d_ff=c.d_ff,
+        activation=_activation(c.dense_act_fn),
+        gated_mlp=bool(c.is_gated_act),
+        norm_eps=c.layer_norm_epsilon,
+        tie_embeddings=scaled,
+        scale_tied_logits=scaled,
+        dropout=c.dropout_rate,
+        position=PositionConfig(
+            kind="t5",
+            num_buckets=c.relative_attention_num_buckets,
+            max_distance=c.relative_attention_max_distance,
+        ),
+    )
+
+
+def _t5_rules(cfg: encoder_decoder.Config) -> Iterator[Rule]:
+    N = cfg.n_heads
+    H = cfg.head_dim or cfg.d_model // N
+    names = ("q", "k", "v", "o")
+    yield _same(("embed", "embedding"), "shared.weight")
+    for side, n_layers in (("encoder", cfg.n_encoder_layers), ("decoder", cfg.n_decoder_layers)):
+        # one relative-bias table per stack, stored on the first block in Hugging Face
+        bias = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        yield _same((f"{side}_position", "table"), bias)
+        for i in range(n_layers):
+            hf, ours = f"{side}.block.{i}.layer", (f"{side}_blocks", i)
+            yield from _attention_rules(
+                (*ours, "self_attn"), f"{hf}.0.SelfAttention", names, N, N, H, False
+            )
+            yield from _norm((*ours, "self_attn_norm"), f"{hf}.0.layer_norm", bias=False)
+            ff = 1
+            if side == "decoder":
+                yield from _attention_rules(
+                    (*ours, "cross_attn"), f"{hf}.1.EncDecAttention", names, N, N, H, False
+                )
+                yield from _norm((*ours, "cross_attn_norm"), f"{hf}.1.layer_norm", bias=False)
+                ff = 2
+            mlp = f"{hf}.{ff}.DenseReluDense"
+            if cfg.gated_mlp:  # act(wi_0 x) * wi_1 x
+                yield _linear((*ours, "mlp", "wg", "kernel"), f"{mlp}.wi_0.weight")
+                yield _linear((*ours, "mlp", "wi", "kernel"), f"{mlp}.wi_1.weight")
+            else:
+                yield _linear((*ours, "mlp", "wi", "kernel"), f"{mlp}.wi.weight")
+            yield _linear((*ours, "mlp", "wo", "kernel"), f"{mlp}.wo.weight")
+            yield from _norm((*ours, "mlp_norm"), f"{hf}.{ff}.layer_norm", bias=False)
+        yield from _norm((f"{side}_norm",), f"{side}.final_layer_norm", bias=False)
+        yield _same(("embed", "embedding"), f"{side}.embed_tokens.weight")  # tied copy
+    if cfg.tie_embeddings:
+        yield _same(("embed", "embedding"), "lm_head.weight")
+    else:
+        yield _linear(("head", "kernel"), "lm_head.weight")
+
+
 FAMILY = {
     "gpt2": (_gpt2_config, _gpt2_rules, decoder_lm),
     "llama": (_llama_config, _llama_rules, decoder_lm),
     "marian": (_marian_config, _marian_rules, encoder_decoder),
+    "t5": (_t5_config, _t5_rules, encoder_decoder),
 }
