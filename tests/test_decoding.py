@@ -1,0 +1,184 @@
+"""generate(): cached decoding vs full forward passes, batching, stop tokens, errors, compiles."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnzoo.decoding import generation as gen
+from attnzoo.models import decoder_lm, positional
+from attnzoo.models.positional import PositionConfig
+
+PROMPTS = [[3, 9, 4, 1, 7], [12], [5, 6, 30]]  # different lengths on purpose
+
+
+def _cfg(kind: str) -> decoder_lm.Config:
+    # A large embedding init and an untied head spread the logits so that greedy paths vary
+    # token to token (a tied head mostly repeats the last token).
+    return decoder_lm.Config(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        embed_init_std=1.0,
+        tie_embeddings=False,
+        position=PositionConfig(kind=kind, max_len=64),
+    )
+
+
+@pytest.fixture(scope="module")
+def lm():
+    cfg = _cfg("learned")
+    graphdef, params = decoder_lm.init(cfg, jax.random.key(0))
+    return cfg, graphdef, params
+
+
+def _full_logits(graphdef, params, seq):
+    return np.asarray(decoder_lm.apply(graphdef, params, jnp.asarray([seq], jnp.int32))[0])
+
+
+def _naive_greedy(graphdef, params, prompt, n, stop=()):
+    """Re-runs the whole model on the growing sequence and takes the argmax each step."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        tok = int(np.argmax(_full_logits(graphdef, params, seq)[-1]))
+        out.append(tok)
+        seq.append(tok)
+        if tok in stop:
+            break
+    return out + [0] * (n - len(out))
+
+
+@pytest.mark.parametrize("kind", positional.kinds())
+def test_cached_logits_equal_full_forward_every_step(kind):
+    cfg = _cfg(kind)
+    graphdef, params = decoder_lm.init(cfg, jax.random.key(1))
+    tokens, lengths = gen.pad_prompts(PROMPTS)
+    n_steps, cache_len = 6, tokens.shape[1] + 6
+    forced = np.asarray(jax.random.randint(jax.random.key(2), (len(PROMPTS), n_steps), 1, 64))
+    prefill = jax.jit(partial(gen.prefill, graphdef, cfg=cfg, cache_len=cache_len))
+    step = jax.jit(partial(gen.decode_step, graphdef))
+
+    logits, cache = prefill(params, tokens=tokens, lengths=lengths)
+    seqs = [list(p) for p in PROMPTS]
+    for t in range(n_steps + 1):
+        for b, seq in enumerate(seqs):
+            want = _full_logits(graphdef, params, seq)[-1]
+            np.testing.assert_allclose(np.asarray(logits[b]), want, atol=1e-5, rtol=1e-5)
+        if t == n_steps:
+            break
+        logits, cache = step(params, forced[:, t], jnp.asarray(lengths + t), cache)
+        for seq, tok in zip(seqs, forced[:, t], strict=True):
+            seq.append(int(tok))
+
+
+def test_greedy_equals_naive_full_model_loop(lm):
+    cfg, graphdef, params = lm
+    out = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8))
+    want = [_naive_greedy(graphdef, params, p, 8) for p in PROMPTS]
+    np.testing.assert_array_equal(out, want)
+    assert len({tuple(r) for r in want}) > 1 and any(len(set(r)) > 2 for r in want)
+
+
+def test_batched_prompts_equal_each_alone(lm):
+    cfg, graphdef, params = lm
+    batched = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8))
+    for b, p in enumerate(PROMPTS):
+        alone = np.asarray(gen.generate(graphdef, params, cfg, [p], max_new_tokens=8))
+        np.testing.assert_array_equal(batched[b], alone[0])
+
+
+def test_array_prompts_with_lengths_equal_lists(lm):
+    cfg, graphdef, params = lm
+    tokens, lengths = gen.pad_prompts(PROMPTS, pad_id=0)
+    a = gen.generate(graphdef, params, cfg, tokens, lengths=lengths, max_new_tokens=5)
+    b = gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=5)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stop_tokens_pad_the_rest(lm):
+    cfg, graphdef, params = lm
+    free = [_naive_greedy(graphdef, params, p, 8) for p in PROMPTS]
+    stop = free[0][2]  # row 0 stops at its third token (or earlier if it repeats)
+    out = np.asarray(
+        gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8, stop_tokens=(stop,))
+    )
+    want = [_naive_greedy(graphdef, params, p, 8, stop=(stop,)) for p in PROMPTS]
+    np.testing.assert_array_equal(out, want)
+    assert (out[0, 3:] == 0).all()
+
+
+def test_all_rows_stopped_exits_with_padding(lm):
+    cfg, graphdef, params = lm
+    first = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=1))[:, 0]
+    out = np.asarray(
+        gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=6, stop_tokens=tuple(first))
+    )
+    np.testing.assert_array_equal(out[:, 0], first)
+    assert (out[:, 1:] == 0).all()
+
+
+def test_sampling_reproducible_and_temperature_zero_is_greedy(lm):
+    cfg, graphdef, params = lm
+    kw = dict(max_new_tokens=8, sampler="sample", temperature=1.5)
+    a = gen.generate(graphdef, params, cfg, PROMPTS, rng=jax.random.key(7), **kw)
+    b = gen.generate(graphdef, params, cfg, PROMPTS, rng=jax.random.key(7), **kw)
+    c = gen.generate(graphdef, params, cfg, PROMPTS, rng=jax.random.key(8), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8)
+    cold = gen.generate(
+        graphdef, params, cfg, PROMPTS, max_new_tokens=8, sampler="sample",
+        temperature=1e-4, rng=jax.random.key(9),
+    )  # fmt: skip
+    np.testing.assert_array_equal(cold, greedy)
+    zero = gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8, temperature=0.0)
+    np.testing.assert_array_equal(zero, greedy)
+
+
+def test_repetition_penalty_changes_greedy_path_and_avoids_repeats(lm):
+    cfg, graphdef, params = lm
+    out = np.asarray(
+        gen.generate(graphdef, params, cfg, [PROMPTS[1]], max_new_tokens=6, repetition_penalty=1e6)
+    )[0]
+    # a huge penalty pushes every seen token below every unseen one (unless all are negative)
+    seen = set(PROMPTS[1])
+    for tok in out:
+        assert tok not in seen
+        seen.add(int(tok))
+
+
+def test_same_shapes_compile_once(lm):
+    cfg, graphdef, params = lm
+    kw = dict(max_new_tokens=4, sampler="top_p", top_p=0.9, rng=jax.random.key(0))
+    gen.generate(graphdef, params, cfg, [[1, 2], [3, 4]], **kw)
+    n = gen._generate._cache_size()
+    gen.generate(graphdef, params, cfg, [[5, 6], [7, 8]], **kw)
+    gen.generate(graphdef, params, cfg, [[9, 10], [11]], **{**kw, "top_p": 0.5})
+    gen.generate(
+        graphdef, params, cfg, [[9, 10], [11]], **{**kw, "temperature": 0.7, "min_p": None}
+    )
+    assert gen._generate._cache_size() == n
+
+
+def test_bad_inputs_raise_clear_errors(lm):
+    cfg, graphdef, params = lm
+    with pytest.raises(ValueError, match="empty prompt in rows \\[1\\]"):
+        gen.generate(graphdef, params, cfg, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        gen.generate(graphdef, params, cfg, [[1] * 10], max_new_tokens=4, cache_len=12)
+    with pytest.raises(ValueError, match="learned position table"):
+        gen.generate(graphdef, params, cfg, [[1] * 60], max_new_tokens=8)
+    with pytest.raises(ValueError, match="unknown sampler 'nucleus'"):
+        gen.generate(graphdef, params, cfg, [[1]], max_new_tokens=2, sampler="nucleus")
+    with pytest.raises(ValueError, match="needs top_p="):
+        gen.generate(graphdef, params, cfg, [[1]], max_new_tokens=2, sampler="top_p")
+    with pytest.raises(ValueError, match="needs rng"):
+        gen.generate(graphdef, params, cfg, [[1]], max_new_tokens=2, sampler="sample")
+    with pytest.raises(ValueError, match="vocabulary"):
+        gen.generate(graphdef, params, cfg, [[1, 64]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no prompts"):
+        gen.generate(graphdef, params, cfg, [], max_new_tokens=2)
