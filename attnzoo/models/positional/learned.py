@@ -29,12 +29,24 @@ class Learned(Encoding):
         )
 
     def embed(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        if x.shape[1] > self.config.max_len:
+        """x: [B, T, D], positions: [B, T] int in [0, max_len) -> [B, T, D]."""
+        max_len = self.config.max_len
+        fix = "raise position.max_len or use a relative kind"
+        if x.shape[1] > max_len:
             raise ValueError(
                 f"sequence length {x.shape[1]} exceeds the learned position table "
-                f"(max_len={self.config.max_len}); raise position.max_len or use a relative kind"
+                f"(max_len={max_len}); {fix}"
             )
-        return x + jnp.take(self.table[...], positions, axis=0).astype(x.dtype)
+        if not isinstance(positions, jax.core.Tracer):  # concrete: check values eagerly
+            top = int(jnp.max(positions)) if positions.size else 0
+            if top >= max_len:
+                raise ValueError(
+                    f"position {top} is beyond the learned position table (max_len={max_len}); "
+                    f"{fix}"
+                )
+        # under jit values are unknown: out-of-table rows read NaN instead of silently clamping
+        rows = jnp.take(self.table[...], positions, axis=0, mode="fill", fill_value=jnp.nan)
+        return x + rows.astype(x.dtype)
 
 
 register("learned", Learned)
