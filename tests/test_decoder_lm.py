@@ -244,3 +244,12 @@ def test_cache_take_reorders_rows_like_beam_search(models, tokens, layout):
     taken = cache.take(rows)
     logits, _ = decoder_lm.apply(g, p, tokens[rows, 6:7], pos[rows, 6:7], cache=taken)
     _close(logits, decoder_lm.apply(g, p, tokens[:, :7])[rows, 6:7])
+
+
+def test_bfloat16_activations_track_float32(models, tokens):
+    cfg, _, params = models["unrolled"]
+    g16, _ = decoder_lm.init(cfg.replace(dtype="bfloat16"), jax.random.key(0))
+    _, g, _ = models["unrolled"]
+    out16 = decoder_lm.apply(g16, params, tokens)
+    assert out16.dtype == jnp.bfloat16 and params["embed"]["embedding"].dtype == jnp.float32
+    _close(out16.astype(jnp.float32), decoder_lm.apply(g, params, tokens), atol=0.1)

@@ -262,3 +262,26 @@ def test_bad_inputs_have_clear_errors(model, batch):
         ed.decode(g, p, jnp.zeros((3, S, 32)), None, tgt)
     with pytest.raises(ValueError, match="tgt_positions"):
         ed.decode(g, p, jnp.zeros((2, S, 32)), None, tgt, cache=ed.init_cache(cfg, 2, 8))
+
+
+def test_t5_style_incremental_decoding_with_relative_bias(batch):
+    """T5's decoder bias is recomputed per step from cache slot positions."""
+    src, tgt, src_seg = batch
+    cfg = ed.Config.t5_small(vocab_size=V).replace(
+        d_model=32, d_ff=64, n_heads=4, n_encoder_layers=1, n_decoder_layers=2, scan_layers=True
+    )
+    g, p = ed.init(cfg, jax.random.key(0))
+    full = ed.apply(g, p, src, tgt, src_seg)
+    encoded = ed.encode(g, p, src, src_seg)
+    cache = ed.init_cache(cfg, 2, 8)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tgt.shape)
+    logits, cache = ed.decode(
+        g, p, encoded, src_seg, tgt[:, :3], tgt_positions=pos[:, :3], cache=cache
+    )
+    outs = [logits]
+    for t in range(3, T):
+        logits, cache = ed.decode(
+            g, p, encoded, src_seg, tgt[:, t : t + 1], tgt_positions=pos[:, t : t + 1], cache=cache
+        )
+        outs.append(logits)
+    _close(jnp.concatenate(outs, 1), full)

@@ -250,8 +250,12 @@ def run_stack(
 
     if remat:
         check_remat_policy(remat_policy)
+        # scan's loop boundary already stops XLA from CSE-ing the recomputation away
         layer = jax.checkpoint(
-            layer, static_argnums=(0,), policy=getattr(jax.checkpoint_policies, remat_policy)
+            layer,
+            static_argnums=(0,),
+            policy=getattr(jax.checkpoint_policies, remat_policy),
+            prevent_cse=not scan,
         )
 
     if scan:
