@@ -157,27 +157,32 @@ for (src, ref), hyp in list(zip(pairs, hypotheses))[:3]:
 # %%
 @contextlib.contextmanager
 def recorded_attention():
-    """Collects every attention call's weights [B, N, T, S], in call order (eager calls only)."""
+    """Collects every attention call's weights [B, N, T, S], in call order (eager calls only).
+
+    The weights are read off the library's own ``dot_product_attention`` (same masks, biases,
+    relative terms) by attending over one-hot values: with ``v[s] = e_s`` the output for query
+    ``t`` is the weight row ``w[t, :]``, one head_dim-wide block of keys per call.
+    """
     weights = []
 
-    def attend(q, k, v, *, mask=None, bias=None, scale=None, rel_k=None, rel_v=None, **kw):
-        out = attention.dot_product_attention(q, k, v, mask=mask, bias=bias, scale=scale,
-                                              rel_k=rel_k, rel_v=rel_v, **kw)
-        group = q.shape[2] // k.shape[2]  # query heads per key/value head (GQA)
-        k_all, v_all = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # [B, S, N, H]
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k_all)
-        if rel_k is not None:
-            logits += jnp.einsum("btnh,btsh->bnts", q, rel_k)
-        logits *= q.shape[-1] ** -0.5 if scale is None else scale
-        if bias is not None:
-            logits += bias
-        if mask is not None:
-            logits = jnp.where(mask, logits, -jnp.inf)
-        w = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
+    def weights_of(q, k, **kw):
+        B, S, K, H = k.shape
+        blocks = []
+        for start in range(0, S, H):
+            one_hot = jax.nn.one_hot(jnp.arange(S) - start, H)  # [S, H], zero outside the block
+            v = jnp.broadcast_to(one_hot[None, :, None, :], k.shape)  # [B, S, K, H]
+            blocks.append(attention.dot_product_attention(q, k, v, **kw))  # [B, T, N, H]
+        return jnp.concatenate(blocks, axis=-1)[..., :S].transpose(0, 2, 1, 3)  # [B, N, T, S]
+
+    def attend(q, k, v, **kw):
+        out = attention.dot_product_attention(q, k, v, **kw)  # [B, T, N, H]
+        w = weights_of(q, k, **{**kw, "rel_v": None})
+        # Check: the weights mix the values into the layer's real output.
+        v_all = jnp.repeat(v, q.shape[2] // k.shape[2], axis=2)  # [B, S, N, H] (GQA groups)
         mixed = jnp.einsum("bnts,bsnh->btnh", w, v_all)
-        if rel_v is not None:
-            mixed += jnp.einsum("bnts,btsh->btnh", w, rel_v)
-        np.testing.assert_allclose(mixed, out, atol=1e-4)  # the weights the layer really used
+        if kw.get("rel_v") is not None:
+            mixed += jnp.einsum("bnts,btsh->btnh", w, kw["rel_v"])
+        np.testing.assert_allclose(mixed, out, atol=1e-4)
         weights.append(w)
         return out
 
