@@ -18,7 +18,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = sorted(p.stem for p in (NOTEBOOKS / "src").glob("[0-9][0-9]_*.py"))
 # Per cell; the slowest cells train small models on 2 shared CPU cores.
 CELL_TIMEOUT_S = 600
 # Plots each notebook must save when ATTNZOO_NOTEBOOK_FIGURES names a directory.
@@ -30,10 +29,12 @@ FIGURES = {
         "02_rope_relative",
         "02_bias_per_head",
         "02_trained_attention",
+        "02_loss_by_kind",
     ],
     "03_translation": ["03_loss", "03_cross_attention"],
     "04_use_in_your_jax_code": ["04_custom_loop_loss"],
 }
+NAMES = list(FIGURES)
 
 
 def _load(name: str):
@@ -115,3 +116,9 @@ def test_parser_splits_code_and_markdown():
     assert cells[1].source == "x = 1"
     with pytest.raises(ValueError, match="must start with '# '"):
         builder.parse("# %% [markdown]\nnot a comment\n")
+
+
+def test_every_notebook_has_a_source_and_vice_versa():
+    sources = {p.stem for p in (NOTEBOOKS / "src").glob("*.py")}
+    notebooks = {p.stem for p in NOTEBOOKS.glob("*.ipynb")}
+    assert sources == notebooks == set(NAMES)
