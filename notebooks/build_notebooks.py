@@ -2,8 +2,11 @@
 
 Each ``src/NN_name.py`` is a plain Python file split into cells by ``# %%`` lines (code) and
 ``# %% [markdown]`` lines (markdown, every line prefixed with ``# ``), the format jupytext and
-VS Code use. Reviewing a notebook is reviewing that script; the .ipynb files are generated,
-committed without outputs, and checked to be up to date by tests/test_notebooks.py.
+VS Code use. IPython magics are commented out in the script (``# %pip install ...``, as jupytext
+does) so that it stays valid Python for ruff; the notebook gets them uncommented.
+
+Reviewing a notebook is reviewing that script; the .ipynb files are generated, committed
+without outputs, and checked to be up to date by tests/test_notebooks.py.
 
     python notebooks/build_notebooks.py           # rewrite every notebook
     python notebooks/build_notebooks.py --check   # exit 1 if a notebook is stale
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 
 import nbformat
@@ -22,6 +26,7 @@ SOURCES = HERE / "src"
 REPO_URL = "https://github.com/attnzoo/attnzoo"
 
 _CODE, _MARKDOWN = "# %%", "# %% [markdown]"
+_MAGIC = re.compile(r"^(\s*)# (%[a-z].*)$")  # "# %pip ..." -> "%pip ..." (not "# %%")
 
 
 def _markdown_line(line: str) -> str:
@@ -54,7 +59,7 @@ def parse(text: str) -> list[nbformat.NotebookNode]:
         elif kind == "markdown":
             lines.append(_markdown_line(line))
         elif kind == "code":
-            lines.append(line)
+            lines.append(_MAGIC.sub(r"\1\2", line))
     flush()
     if not cells:
         raise ValueError("no '# %%' cells found")

@@ -110,10 +110,12 @@ def test_first_cell_installs_only_on_colab(name):
 
 def test_parser_splits_code_and_markdown():
     builder = _load("build_notebooks")
-    cells = builder.parse("# header\n# %% [markdown]\n# # Title\n#\n# text\n# %%\nx = 1\n\n# %%\n")
-    assert [c.cell_type for c in cells] == ["markdown", "code"]
+    script = "# header\n# %% [markdown]\n# # Title\n#\n# text\n# %%\nx = 1\n\n# %%\n"
+    cells = builder.parse(script + "if x:\n    # %pip install y\n# not %magic\n")
+    assert [c.cell_type for c in cells] == ["markdown", "code", "code"]
     assert cells[0].source == "# Title\n\ntext"
     assert cells[1].source == "x = 1"
+    assert cells[2].source == "if x:\n    %pip install y\n# not %magic"
     with pytest.raises(ValueError, match="must start with '# '"):
         builder.parse("# %% [markdown]\nnot a comment\n")
 

@@ -25,7 +25,8 @@ try:
 except ImportError:
     IN_COLAB = False
 if IN_COLAB:
-    %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    # %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    print("installed attnzoo from GitHub")
 
 # %%
 import os
@@ -34,10 +35,10 @@ import pathlib
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
+from attnzoo.configs import lm_tiny
 from IPython import display
 
 from attnzoo import decoding
-from attnzoo.configs import lm_tiny
 from attnzoo.training import experiment, input_pipeline, loop, sharding, steps
 from attnzoo.training.mesh import make_mesh
 
@@ -103,8 +104,7 @@ print(f"{n_params:,} parameters; batch {config.batch_size} x {config.seq_len} to
 # of `seq_len` bytes). `put_batch` places each batch on the mesh, split along the batch axis.
 
 # %%
-batches = input_pipeline.batches(config, "train", tokenizer=tokenizer,
-                                 batch_size=config.batch_size)
+batches = input_pipeline.batches(config, "train", tokenizer=tokenizer, batch_size=config.batch_size)
 fig, ax = plt.subplots(figsize=(7, 3.5))
 handle = display.display(fig, display_id=True)
 history = []
@@ -115,14 +115,23 @@ for step in range(1, config.steps + 1):
     if step % 10 == 0 or step == config.steps:
         ax.clear()
         ax.plot(np.arange(1, step + 1), history, label="train")
-        ax.set(title=f"Byte-level Shakespeare LM, step {step}/{config.steps}", xlabel="step",
-               ylabel="cross-entropy (nats/byte)", xlim=(0, config.steps))
+        ax.set(
+            title=f"Byte-level Shakespeare LM, step {step}/{config.steps}",
+            xlabel="step",
+            ylabel="cross-entropy (nats/byte)",
+            xlim=(0, config.steps),
+        )
         ax.grid(alpha=0.3)
         handle.update(fig)
 plt.close(fig)
 
-eval_metrics = loop.evaluate(config, state.params, eval_fn=exp.eval_step, tokenizer=tokenizer,
-                             batch_sharding=exp.batch_sharding)
+eval_metrics = loop.evaluate(
+    config,
+    state.params,
+    eval_fn=exp.eval_step,
+    tokenizer=tokenizer,
+    batch_sharding=exp.batch_sharding,
+)
 ax.axhline(eval_metrics["eval_loss"], color="C1", ls="--", label="validation")
 ax.legend()
 handle.update(fig)
@@ -151,6 +160,6 @@ new_tokens = decoding.generate(
     stop_tokens=(tokenizer.eos_id,),
     rng=jax.random.key(0),
 )  # [B, max_new_tokens], padded with pad_id after a stop token
-for prompt, row in zip(prompts, np.asarray(new_tokens)):
+for prompt, row in zip(prompts, np.asarray(new_tokens), strict=True):
     print(tokenizer.decode(prompt) + tokenizer.decode(row))
     print("-" * 40)

@@ -12,7 +12,7 @@
 # | hook | acts on | kinds |
 # |---|---|---|
 # | `Encoding.embed(x, positions)` | token embeddings, once per stack | `sinusoidal`, `learned` |
-# | `Encoding.attention_bias(q_pos, k_pos)` | attention logits, shared by all layers | `alibi`, `t5` |
+# | `Encoding.attention_bias(q_pos, k_pos)` | logits, shared by all layers | `alibi`, `t5` |
 # | `LayerEncoding.rotate(x, positions)` | queries and keys, every layer | `rope`, `xpos` |
 # | `LayerEncoding.relative(q_pos, k_pos)` | relative key/value terms, every layer | `shaw` |
 #
@@ -28,7 +28,8 @@ try:
 except ImportError:
     IN_COLAB = False
 if IN_COLAB:
-    %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    # %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    print("installed attnzoo from GitHub")
 
 # %%
 import contextlib
@@ -95,7 +96,10 @@ plt.show()
 H, T = 32, 64
 positions = jnp.arange(T)[None]  # [1, T]
 rope = positional.make_layer_encoding(
-    PositionConfig(kind="rope", rope_layout="half"), n_heads=1, head_dim=H, causal=True,
+    PositionConfig(kind="rope", rope_layout="half"),
+    n_heads=1,
+    head_dim=H,
+    causal=True,
     rngs=nnx.Rngs(0),
 )
 x = jnp.ones((1, T, 1, H))  # [B, T, N, H]: the same vector at every position
@@ -109,19 +113,36 @@ expected = 10000.0 ** (-2 * np.arange(H // 2) / H)
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
 circle = np.linspace(0, 2 * np.pi, 200)
 ax0.plot(np.sqrt(2) * np.cos(circle), np.sqrt(2) * np.sin(circle), color="0.85", zorder=0)
-for i, color in zip((0, 3, 6), ("C0", "C1", "C2")):
-    ax0.scatter(first[:16, i], second[:16, i], c=color, s=12 + 3 * np.arange(16),
-                label=f"pair {i}: θ = {expected[i]:.3f} rad/position")
+for i, color in zip((0, 3, 6), ("C0", "C1", "C2"), strict=True):
+    ax0.scatter(
+        first[:16, i],
+        second[:16, i],
+        c=color,
+        s=12 + 3 * np.arange(16),
+        label=f"pair {i}: θ = {expected[i]:.3f} rad/position",
+    )
     for m in (1, 5, 15):
-        ax0.annotate(str(m), (first[m, i], second[m, i]), fontsize=7, xytext=(3, 3),
-                     textcoords="offset points")
-ax0.set(title="RoPE: pairs rotate at different speeds (positions 0-15, labelled)",
-        xlabel="first coordinate", ylabel="second coordinate", aspect="equal")
+        ax0.annotate(
+            str(m),
+            (first[m, i], second[m, i]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+ax0.set(
+    title="RoPE: pairs rotate at different speeds (positions 0-15, labelled)",
+    xlabel="first coordinate",
+    ylabel="second coordinate",
+    aspect="equal",
+)
 ax0.legend(fontsize=8, loc="lower left")
 ax1.semilogy(measured, "o", label="measured from rotate()")
 ax1.semilogy(expected, "--", label=r"$\theta_i = 10000^{-2i/H}$")
-ax1.set(title="Rotation per position of each pair", xlabel="pair index i",
-        ylabel="angle per position (rad)")
+ax1.set(
+    title="Rotation per position of each pair",
+    xlabel="pair index i",
+    ylabel="angle per position (rad)",
+)
 ax1.legend()
 save(fig, "02_rope_rotation")
 plt.show()
@@ -143,19 +164,25 @@ q, k = jax.random.normal(jax.random.key(1), (2, 1, 1, 1, H))  # [B, T, N, H] eac
 
 def scores(encoding, q_positions, k_positions):
     """<rotate(q, m), rotate(k, n)> for every m in q_positions and n in k_positions -> [M, N]."""
-    qs = encoding.rotate(jnp.broadcast_to(q, (1, len(q_positions), 1, H)),
-                         jnp.asarray(q_positions)[None], is_key=False)
-    ks = encoding.rotate(jnp.broadcast_to(k, (1, len(k_positions), 1, H)),
-                         jnp.asarray(k_positions)[None], is_key=True)
+    qs = encoding.rotate(
+        jnp.broadcast_to(q, (1, len(q_positions), 1, H)),
+        jnp.asarray(q_positions)[None],
+        is_key=False,
+    )
+    ks = encoding.rotate(
+        jnp.broadcast_to(k, (1, len(k_positions), 1, H)),
+        jnp.asarray(k_positions)[None],
+        is_key=True,
+    )
     return np.asarray(jnp.einsum("mh,nh->mn", qs[0, :, 0], ks[0, :, 0]))
 
 
-xpos = positional.make_layer_encoding(PositionConfig(kind="xpos"), n_heads=1, head_dim=H,
-                                      causal=True, rngs=nnx.Rngs(0))
+xpos = positional.make_layer_encoding(
+    PositionConfig(kind="xpos"), n_heads=1, head_dim=H, causal=True, rngs=nnx.Rngs(0)
+)
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
 im = ax0.imshow(scores(rope, range(T), range(T)), cmap="RdBu_r", origin="lower")
-ax0.set(title="RoPE score of q at m and k at n", xlabel="key position n",
-        ylabel="query position m")
+ax0.set(title="RoPE score of q at m and k at n", xlabel="key position n", ylabel="query position m")
 fig.colorbar(im, ax=ax0, label="q · k")
 offsets = np.arange(48)
 for name, encoding, style in (("RoPE", rope, "-"), ("xPos", xpos, "--")):
@@ -167,8 +194,9 @@ for name, encoding, style in (("RoPE", rope, "-"), ("xPos", xpos, "--")):
         ax1.plot(offsets, curve, style, label=f"{name}, key at {start}", alpha=0.8)
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(curves[2], curves[0], rtol=1e-3, atol=1e-3)
-ax1.set(title="Score vs offset m - n at three absolute positions", xlabel="offset m - n",
-        ylabel="q · k")
+ax1.set(
+    title="Score vs offset m - n at three absolute positions", xlabel="offset m - n", ylabel="q · k"
+)
 ax1.legend(fontsize=8, ncol=2)
 save(fig, "02_rope_relative")
 plt.show()
@@ -193,17 +221,28 @@ pos = jnp.arange(T)[None]  # [1, T]
 causal = np.tril(np.ones((T, T), bool))
 biases = {}  # kind -> [N, T, S]
 for kind in ("alibi", "t5"):
-    encoding = positional.make_encoding(PositionConfig(kind=kind), d_model=N * H, n_heads=N,
-                                        head_dim=H, causal=True, rngs=nnx.Rngs(0))
+    encoding = positional.make_encoding(
+        PositionConfig(kind=kind),
+        d_model=N * H,
+        n_heads=N,
+        head_dim=H,
+        causal=True,
+        rngs=nnx.Rngs(0),
+    )
     biases[kind] = np.broadcast_to(np.asarray(encoding.attention_bias(pos, pos))[0], (N, T, T))
-shaw = positional.make_layer_encoding(PositionConfig(kind="shaw", shaw_max_distance=4),
-                                      n_heads=N, head_dim=H, causal=True, rngs=nnx.Rngs(0))
+shaw = positional.make_layer_encoding(
+    PositionConfig(kind="shaw", shaw_max_distance=4),
+    n_heads=N,
+    head_dim=H,
+    causal=True,
+    rngs=nnx.Rngs(0),
+)
 rel_k, _ = shaw.relative(pos, pos)  # [1, T, S, H]
 query = jax.random.normal(jax.random.key(2), (N, H))  # one query vector per head
 biases["shaw"] = np.asarray(jnp.einsum("nh,tsh->nts", query, rel_k[0]))
 
 fig, axes = plt.subplots(3, N, figsize=(3.6 * N, 9), constrained_layout=True)
-for row, (kind, bias) in zip(axes, biases.items()):
+for row, (kind, bias) in zip(axes, biases.items(), strict=True):
     for h, ax in enumerate(row):
         # One colour scale per head: ALiBi's slopes differ by 4x from head to head.
         lim = np.abs(bias[h][causal]).max()
@@ -262,8 +301,9 @@ def recorded_attention():
 steps = 10 if QUICK else 300
 seq_len = 48
 tokenizer = attnzoo.data.get_tokenizer("byte")
-stream = attnzoo.data.lm_batches("shakespeare", "train", tokenizer=tokenizer, seq_len=seq_len,
-                                 batch_size=16, seed=0)
+stream = attnzoo.data.lm_batches(
+    "shakespeare", "train", tokenizer=tokenizer, seq_len=seq_len, batch_size=16, seed=0
+)
 shared_batches = [next(stream) for _ in range(steps)]  # every kind sees the same data
 sample = "ROMEO:\nBut soft, what light through yonder"
 sample_tokens = jnp.asarray([[tokenizer.bos_id] + tokenizer.encode(sample)])[:, :seq_len]  # [1, T]
@@ -273,7 +313,11 @@ def train(kind):
     """A tiny LM with positional ``kind`` trained on ``shared_batches`` -> (graphdef, params,
     losses)."""
     cfg = decoder_lm.Config.tiny(vocab_size=tokenizer.vocab_size).replace(
-        d_model=32, n_layers=2, n_heads=2, d_ff=128, embed_scale=True,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=128,
+        embed_scale=True,
         position=PositionConfig(kind=kind, max_len=seq_len),
     )
     graphdef, params = decoder_lm.init(cfg, jax.random.key(0))
@@ -283,8 +327,9 @@ def train(kind):
     @jax.jit
     def step(params, opt_state, batch):
         def loss_fn(params):
-            logits = decoder_lm.apply(graphdef, params, batch["inputs"], batch["positions"],
-                                      batch["segment_ids"])  # [B, T, V]
+            logits = decoder_lm.apply(
+                graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"]
+            )  # [B, T, V]
             nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
             return (nll * batch["weights"]).sum() / batch["weights"].sum()
 
@@ -308,21 +353,23 @@ for kind in positional.kinds():
     print(f"{kind:11s} loss {curves[kind][0]:.2f} -> {curves[kind][-1]:.2f}")
 
 # %%
-kinds = list(maps)
-n_heads = next(iter(maps.values())).shape[0]
+panels = [(kind, h) for kind in maps for h in range(maps[kind].shape[0])]  # (kind, head)
 labels = [tokenizer.decode([t]) if t >= 3 else "<s>" for t in np.asarray(sample_tokens[0])]
 labels = [{"\n": "\\n", " ": "␣"}.get(c, c) for c in labels]
-fig, axes = plt.subplots(n_heads, len(kinds), figsize=(3.3 * len(kinds), 3.6 * n_heads),
-                         squeeze=False, constrained_layout=True)
-for col, kind in enumerate(kinds):
-    for h in range(n_heads):
-        ax = axes[h, col]
-        im = ax.imshow(maps[kind][h], cmap="magma", vmin=0, vmax=1)
-        ax.set(title=f"{kind}, head {h}", xlabel="key", ylabel="query")
-        ticks = np.arange(0, len(labels), 8)
-        ax.set_xticks(ticks, [labels[t] for t in ticks])
-        ax.set_yticks(ticks, [labels[t] for t in ticks])
-fig.colorbar(im, ax=axes, label="attention weight", shrink=0.6)
+ticks = np.arange(0, len(labels), 4)
+cols = 4
+rows = -(-len(panels) // cols)
+fig, axes = plt.subplots(
+    rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False, constrained_layout=True
+)
+for ax, (kind, h) in zip(axes.flat, panels, strict=False):
+    im = ax.imshow(maps[kind][h], cmap="magma", vmin=0, vmax=1)
+    ax.set(title=f"{kind}, head {h}", xlabel="key", ylabel="query")
+    ax.set_xticks(ticks, [labels[t] for t in ticks])
+    ax.set_yticks(ticks, [labels[t] for t in ticks])
+for ax in axes.flat[len(panels) :]:
+    ax.axis("off")
+fig.colorbar(im, ax=axes, label="attention weight", shrink=0.5)
 fig.suptitle(f"Last-layer attention on {sample!r} after {steps} steps")
 save(fig, "02_trained_attention")
 plt.show()
@@ -330,8 +377,11 @@ plt.show()
 fig, ax = plt.subplots(figsize=(7, 4))
 for kind, losses in curves.items():
     ax.plot(np.arange(1, steps + 1), losses, label=kind)
-ax.set(title="Training loss by positional encoding (same data, same init seed)",
-       xlabel="step", ylabel="cross-entropy (nats/byte)")
+ax.set(
+    title="Training loss by positional encoding (same data, same init seed)",
+    xlabel="step",
+    ylabel="cross-entropy (nats/byte)",
+)
 ax.legend(ncol=2)
 ax.grid(alpha=0.3)
 save(fig, "02_loss_by_kind")

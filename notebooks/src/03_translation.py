@@ -28,7 +28,8 @@ try:
 except ImportError:
     IN_COLAB = False
 if IN_COLAB:
-    %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    # %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    print("installed attnzoo from GitHub")
 
 # %%
 import contextlib
@@ -41,10 +42,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import sacrebleu
+from attnzoo.configs import mt_tiny
 
 import attnzoo.data
 from attnzoo import decoding
-from attnzoo.configs import mt_tiny
 from attnzoo.models import attention, encoder_decoder, mha
 from attnzoo.training import experiment, input_pipeline, loop, sharding, steps
 from attnzoo.training.mesh import make_mesh
@@ -84,26 +85,34 @@ print("pieces:", [tokenizer.decode([i]) for i in tokenizer.encode(english)][:16]
 # ## Train
 
 # %%
-exp = experiment.build(config, vocab_size=tokenizer.vocab_size,
-                       mesh=make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+exp = experiment.build(
+    config, vocab_size=tokenizer.vocab_size, mesh=make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+)
 print(f"{encoder_decoder.param_count(exp.model_cfg):,} parameters on mesh {dict(exp.mesh.shape)}")
 state = exp.init_state()
-batches = input_pipeline.batches(config, "train", tokenizer=tokenizer,
-                                 batch_size=config.batch_size)
+batches = input_pipeline.batches(config, "train", tokenizer=tokenizer, batch_size=config.batch_size)
 history = []
-for step in range(config.steps):
+for _ in range(config.steps):
     batch = sharding.put_batch(next(batches), exp.batch_sharding)
     state, metrics = exp.train_step(state, batch, steps.step_rng(state))
     history.append(float(metrics["loss"]))
-eval_metrics = loop.evaluate(config, state.params, eval_fn=exp.eval_step, tokenizer=tokenizer,
-                             batch_sharding=exp.batch_sharding)
+eval_metrics = loop.evaluate(
+    config,
+    state.params,
+    eval_fn=exp.eval_step,
+    tokenizer=tokenizer,
+    batch_sharding=exp.batch_sharding,
+)
 print({k: round(v, 3) for k, v in eval_metrics.items()})
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.plot(np.arange(1, config.steps + 1), history, label="train (label-smoothed)")
 ax.axhline(eval_metrics["eval_loss"], color="C1", ls="--", label="validation")
-ax.set(title="English -> Spanish, tiny encoder-decoder", xlabel="step",
-       ylabel="cross-entropy (nats/token)")
+ax.set(
+    title="English -> Spanish, tiny encoder-decoder",
+    xlabel="step",
+    ylabel="cross-entropy (nats/token)",
+)
 ax.legend()
 ax.grid(alpha=0.3)
 save(fig, "03_loss")
@@ -122,13 +131,22 @@ pairs = [(s, t) for s, t in pairs if len(tokenizer.encode(s)) < config.seq_len]
 pairs = pairs[: 8 if QUICK else 64]
 sources = [tokenizer.encode(s) + [tokenizer.eos_id] for s, _ in pairs]
 src_tokens = np.full((len(sources), max(map(len, sources))), tokenizer.pad_id, np.int32)
-for row, ids in zip(src_tokens, sources):
+for row, ids in zip(src_tokens, sources, strict=True):
     row[: len(ids)] = ids  # [B, S]
 
-out = np.asarray(decoding.beam_search(
-    exp.graphdef, state.params, exp.model_cfg, jnp.asarray(src_tokens), beam_size=4, alpha=0.6,
-    max_len=config.seq_len, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id,
-))  # [B, max_len]
+out = np.asarray(
+    decoding.beam_search(
+        exp.graphdef,
+        state.params,
+        exp.model_cfg,
+        jnp.asarray(src_tokens),
+        beam_size=4,
+        alpha=0.6,
+        max_len=config.seq_len,
+        eos_id=tokenizer.eos_id,
+        bos_id=tokenizer.bos_id,
+    )
+)  # [B, max_len]
 
 
 def until_eos(ids):
@@ -140,7 +158,7 @@ hypotheses = [tokenizer.decode(until_eos(row)) for row in out]
 references = [t for _, t in pairs]
 bleu = sacrebleu.corpus_bleu(hypotheses, [references])
 print(bleu, "\n")
-for (src, ref), hyp in list(zip(pairs, hypotheses))[:3]:
+for (src, ref), hyp in list(zip(pairs, hypotheses, strict=True))[:3]:
     print(f"EN  {src}\nES  {ref}\nMT  {hyp}\n")
 
 # %% [markdown]
@@ -202,14 +220,18 @@ assert len(cross) == exp.model_cfg.n_decoder_layers
 
 src_labels = [tokenizer.decode([t]) or "</s>" for t in sources[i]]
 tgt_labels = ["<s>"] + [tokenizer.decode([t]) for t in until_eos(out[i])]
-fig, axes = plt.subplots(1, len(cross), figsize=(6.5 * len(cross), 6), squeeze=False,
-                         constrained_layout=True)
-for layer, (ax, w) in enumerate(zip(axes[0], cross)):
+fig, axes = plt.subplots(
+    1, len(cross), figsize=(6.5 * len(cross), 6), squeeze=False, constrained_layout=True
+)
+for layer, (ax, w) in enumerate(zip(axes[0], cross, strict=True)):
     im = ax.imshow(np.asarray(w[0].mean(0)), cmap="Blues", vmin=0, vmax=1)  # heads averaged
     ax.set_xticks(range(len(src_labels)), src_labels, rotation=90, fontsize=8)
     ax.set_yticks(range(len(tgt_labels)), tgt_labels, fontsize=8)
-    ax.set(title=f"Decoder layer {layer}: cross-attention (mean over heads)",
-           xlabel="source (English)", ylabel="target prefix (Spanish, model output)")
+    ax.set(
+        title=f"Decoder layer {layer}: cross-attention (mean over heads)",
+        xlabel="source (English)",
+        ylabel="target prefix (Spanish, model output)",
+    )
 fig.colorbar(im, ax=axes, label="attention weight", shrink=0.7)
 save(fig, "03_cross_attention")
 plt.show()

@@ -25,9 +25,11 @@ try:
 except ImportError:
     IN_COLAB = False
 if IN_COLAB:
-    %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    # %pip install -q "attnzoo[tpu] @ git+https://github.com/attnzoo/attnzoo"
+    print("installed attnzoo from GitHub")
 
 # %%
+import importlib.util
 import os
 import pathlib
 
@@ -103,7 +105,8 @@ print(f"gradient global norm {optax.global_norm(grads):.3f}")
 
 # Per-example gradients: vmap the gradient over the batch, each row a batch of one.
 per_example_grads = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))(
-    params, tokens[:, None, :]  # [B, 1, T]
+    params,
+    tokens[:, None, :],  # [B, 1, T]
 )
 norms = jax.vmap(optax.global_norm)(per_example_grads)  # [B]
 print("per-example gradient norms", np.round(np.asarray(norms), 3))
@@ -123,8 +126,9 @@ steps = 20 if QUICK else 300
 batches = attnzoo.data.lm_batches(
     "shakespeare", "train", tokenizer=tokenizer, seq_len=64, batch_size=16, seed=0
 )
-schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup_steps=min(20, steps // 2),
-                                              decay_steps=steps, end_value=3e-4)
+schedule = optax.warmup_cosine_decay_schedule(
+    0.0, 3e-3, warmup_steps=min(20, steps // 2), decay_steps=steps, end_value=3e-4
+)
 tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98))
 opt_state = tx.init(params)
 
@@ -144,15 +148,18 @@ def train_step(params, opt_state, batch):
 
 
 losses = []
-for step in range(steps):
+for _ in range(steps):
     params, opt_state, loss = train_step(params, opt_state, next(batches))
     losses.append(float(loss))
 print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} after {steps} steps")
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(np.arange(1, steps + 1), losses)
-ax.set(title="Custom optax loop: byte-level Shakespeare LM", xlabel="step",
-       ylabel="train cross-entropy (nats/byte)")
+ax.set(
+    title="Custom optax loop: byte-level Shakespeare LM",
+    xlabel="step",
+    ylabel="train cross-entropy (nats/byte)",
+)
 ax.grid(alpha=0.3)
 save(fig, "04_custom_loop_loss")
 plt.show()
@@ -170,8 +177,9 @@ plt.show()
 n = jax.device_count()
 model_ways = 2 if n % 2 == 0 else 1
 # Auto axes: XLA propagates shardings from params and inputs to every intermediate.
-mesh = jax.make_mesh((n // model_ways, model_ways), ("data", "model"),
-                     axis_types=(AxisType.Auto, AxisType.Auto))
+mesh = jax.make_mesh(
+    (n // model_ways, model_ways), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto)
+)
 RULES = {
     "batch": "data",
     "vocab": "model",
@@ -190,7 +198,7 @@ RULES = {
 def mesh_spec(logical: PartitionSpec, shape: tuple[int, ...]) -> PartitionSpec:
     """Logical names of one array -> its mesh PartitionSpec (replicate what does not divide)."""
     axes = []
-    for name, size in zip(logical, shape):
+    for name, size in zip(logical, shape, strict=True):
         axis = RULES[name] if name is not None else None
         axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
     return PartitionSpec(*axes)
@@ -204,8 +212,10 @@ sharded_params = jax.device_put(params, shardings)
 
 for path, leaf in list(nnx.to_flat_state(sharded_params))[:8]:
     x = leaf.get_value()
-    print(f"{'/'.join(map(str, path)):34s} {str(x.sharding.spec):24s} "
-          f"global {str(x.shape):14s} per device {x.sharding.shard_shape(x.shape)}")
+    print(
+        f"{'/'.join(map(str, path)):34s} {str(x.sharding.spec):24s} "
+        f"global {str(x.shape):14s} per device {x.sharding.shard_shape(x.shape)}"
+    )
 
 # %% [markdown]
 # The forward pass needs no change: `jit` compiles one SPMD program for the whole mesh, and the
@@ -240,8 +250,6 @@ print("sharded == single-device logits")
 # goes the other way.
 
 # %%
-import importlib.util
-
 if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
     import torch
     import transformers
@@ -249,7 +257,12 @@ if importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"
     from attnzoo.models import convert
 
     hf_config = transformers.GPT2Config(
-        vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+        vocab_size=128,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
         eos_token_id=0,
     )
     torch.manual_seed(0)
