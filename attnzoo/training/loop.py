@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from attnzoo.configs import defaults
 from attnzoo.training import checkpoint, experiment, input_pipeline, sharding, steps
@@ -73,18 +75,31 @@ class _Logger:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (final save, clean exit)."""
+    """SIGTERM (preemption notice) -> a final save and a clean exit, on every process.
+
+    One process: a signal handler sets a flag checked between steps. Several: JAX's own
+    preemption sync (``jax.distributed`` watches SIGTERM) picks the same step on every host, so
+    all of them join the final, collective checkpoint instead of deadlocking.
+    """
 
     def __init__(self):
+        self.multi_process = jax.process_count() > 1
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if not self.multi_process:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        if self.multi_process:
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self.multi_process:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _global_mean(x: dict[str, jax.Array]) -> dict[str, float]:
@@ -104,15 +119,21 @@ def evaluate(
         shard_count=jax.process_count(),
         num_epochs=1,
     )
-    totals = None
-    for _, batch in zip(range(config.eval_batches), it, strict=False):
+    totals, empty = None, None
+    for _ in range(config.eval_batches):
+        batch = next(it, None)
+        if batch is None:
+            if empty is None:
+                raise ValueError(
+                    f"the {split} split of {config.dataset!r} produced no batch; lower "
+                    "config.batch_size or config.seq_len"
+                )
+            # Every process must run every (collective) eval step: a process whose shard ran
+            # out contributes zero-weight rows.
+            batch = empty
+        empty = jax.tree.map(np.zeros_like, batch)
         sums = eval_fn(params, sharding.put_batch(batch, batch_sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        raise ValueError(
-            f"the {split} split of {config.dataset!r} produced no batch; lower "
-            "config.batch_size or config.seq_len"
-        )
     t = _global_mean(totals)
     loss = t["nll"] / max(t["weight"], 1.0)
     return {
@@ -199,11 +220,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     batch_sharding=exp.batch_sharding,
                 )
                 logger.write(step, eval_metrics)
-                bar.write(
-                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-                )
+                if is_main:
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                    bar.write(f"step {step}: {shown}")
                 summary.update(eval_metrics)
-            if step % config.checkpoint_every == 0 or step == config.steps or preemption.requested:
+            preempted = preemption.reached(step)
+            if step % config.checkpoint_every == 0 or step == config.steps or preempted:
                 ckpt.save(
                     state,
                     data_state=train_iter.get_state(),
@@ -213,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     else None,
                     force=True,
                 )
-            if preemption.requested:
+            if preempted:
                 summary["status"] = "preempted"
                 break
         summary.update(step=step, seconds=time.perf_counter() - t_start)
