@@ -83,8 +83,22 @@ def test_gpt2_parity_and_round_trip(gpt2, scan_layers):
 # ---- LLaMA ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama():
+ROPE_SCALINGS = {
+    # llama3 with every band in use for head_dim 16: wavelengths 6.3 (kept), 63 (smoothly
+    # interpolated between 16 and 64), 628 and 6283 (divided by the factor)
+    "llama3": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "linear": {"factor": 4.0},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 32},
+    "default": {},
+}
+
+
+def _llama(rope_type: str):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=V,
@@ -98,29 +112,26 @@ def llama():
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
-        # llama3 scaling with every band in use for head_dim 16: wavelengths 6.3 (kept),
-        # 63 (smoothly interpolated between 16 and 64), 628 and 6283 (divided by the factor)
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-            "rope_theta": 10000.0,
-        },
+        rope_scaling={"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_SCALINGS[rope_type]},
     )
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def test_llama_gqa_rope_scaling_parity_and_round_trip(llama):
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALINGS))
+def test_llama_gqa_rope_scaling_parity_and_round_trip(rope_type):
+    llama = _llama(rope_type)
     cfg, g, p = convert.from_transformers(llama)
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.gated_mlp, cfg.use_bias) == (4, 2, True, False)
-    assert (cfg.position.rope_scaling, cfg.position.rope_factor) == ("llama3", 8.0)
+    want = None if rope_type == "default" else rope_type
+    assert (cfg.position.rope_scaling, cfg.position.rope_factor) == (
+        want,
+        ROPE_SCALINGS[rope_type].get("factor", 1.0),
+    )
     tokens, mask = _padded(1, (2, 24), n_pad=7)
     with torch.no_grad():
         ref = llama(torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits
     ours = decoder_lm.apply(g, p, jnp.asarray(tokens), segment_ids=jnp.asarray(mask))
-    assert _max_diff("llama (GQA, llama3 rope scaling)", ours, ref.numpy(), mask) < TOL
+    assert _max_diff(f"llama (GQA, rope {rope_type})", ours, ref.numpy(), mask) < TOL
     _assert_round_trip(llama, cfg, p)
 
 
