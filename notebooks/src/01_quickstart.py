@@ -132,7 +132,7 @@ eval_metrics = loop.evaluate(
     tokenizer=tokenizer,
     batch_sharding=exp.batch_sharding,
 )
-ax.axhline(eval_metrics["eval_loss"], color="C1", ls="--", label="validation")
+ax.axhline(eval_metrics["eval_loss"], color="C1", ls="--", label="validation (end of training)")
 ax.legend()
 handle.update(fig)
 save(fig, "01_loss")
@@ -153,7 +153,8 @@ new_tokens = decoding.generate(
     state.params,
     exp.model_cfg,
     prompts,
-    max_new_tokens=60 if QUICK else 300,
+    # Trained on rows of seq_len bytes, the model has never seen later positions: stay inside.
+    max_new_tokens=60 if QUICK else config.seq_len - max(map(len, prompts)),
     sampler="top_p",
     temperature=0.8,
     top_p=0.95,

@@ -107,7 +107,7 @@ print({k: round(v, 3) for k, v in eval_metrics.items()})
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.plot(np.arange(1, config.steps + 1), history, label="train (label-smoothed)")
-ax.axhline(eval_metrics["eval_loss"], color="C1", ls="--", label="validation")
+ax.axhline(eval_metrics["eval_loss"], color="C1", ls="--", label="validation (end of training)")
 ax.set(
     title="English -> Spanish, tiny encoder-decoder",
     xlabel="step",
