@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.packing = True
 
     c.model = "tiny"  # a preset name of the task's model module (Config.preset)
-    c.model_overrides = ml_collections.ConfigDict()  # any model Config field, e.g. d_model=64
+    c.model_overrides = model_overrides()
 
     c.steps = 1000
     c.batch_size = 32  # global, across all processes and devices
@@ -53,3 +53,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.log_every = 10
     return c
+
+
+# Model Config fields that can be overridden from the command line even when the experiment file
+# does not set them (``--config.model_overrides.dtype=bfloat16``): ml_collections only accepts
+# overrides of existing keys. ``None`` means "the preset's value". Experiment files may add any
+# other field of the model's Config.
+_OVERRIDABLE = {
+    int: (
+        "d_model",
+        "n_layers",
+        "n_encoder_layers",
+        "n_decoder_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "d_ff",
+    ),
+    float: ("dropout", "attention_dropout", "activation_dropout"),
+    str: ("dtype", "activation", "norm"),
+    bool: ("remat", "embed_scale", "use_bias", "tie_embeddings"),
+}
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            name: ml_collections.FieldReference(None, field_type=kind)
+            for kind, names in _OVERRIDABLE.items()
+            for name in names
+        }
+    )

@@ -69,10 +69,19 @@ def _main(argv) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections reports an unknown or mistyped --config.key=value this way.
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        sys.exit(f"attnzoo-train: error: bad --config override: {message}")
+
+
 def train_main() -> None:
     """Console-script entry point (``attnzoo-train``)."""
     flags.mark_flag_as_required("config")
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

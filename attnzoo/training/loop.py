@@ -39,7 +39,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 continue  # checked against the model Config's fields
             if key not in ref:
                 raise ValueError(
-                    f"unknown config key {prefix}{key!r}; valid keys: {', '.join(sorted(ref))}"
+                    f"unknown config key '{prefix}{key}'; valid keys: {', '.join(sorted(ref))}"
                 )
             if isinstance(c[key], ml_collections.ConfigDict):
                 walk(c[key], ref[key], f"{prefix}{key}.")
@@ -152,12 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         workdir_path.mkdir(parents=True, exist_ok=True)
 
     tokenizer = input_pipeline.get_tokenizer(config)
-    exp = experiment.build(config, vocab_size=tokenizer.vocab_size)
     n_proc = jax.process_count()
-
-    ckpt = checkpoint.Checkpoints(
-        workdir_path, keep=config.keep_checkpoints, async_save=config.async_checkpoints
-    )
+    # Data first: a missing or misnamed dataset fails before anything is compiled or written.
     train_iter = input_pipeline.batches(
         config,
         "train",
@@ -165,6 +161,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         batch_size=config.batch_size // n_proc,
         shard_index=jax.process_index(),
         shard_count=n_proc,
+    )
+    exp = experiment.build(config, vocab_size=tokenizer.vocab_size)
+
+    ckpt = checkpoint.Checkpoints(
+        workdir_path, keep=config.keep_checkpoints, async_save=config.async_checkpoints
     )
     if ckpt.steps():
         state, data_state = ckpt.restore(exp.abstract_state)

@@ -32,14 +32,12 @@ def model_config(config: Any, vocab_size: int):
     """The model ``Config`` of ``config.model`` (a preset) with ``config.model_overrides``.
 
     ``vocab_size`` comes from the tokenizer; ``position`` may be given as a dict of
-    ``PositionConfig`` fields.
+    ``PositionConfig`` fields; ``None`` values keep the preset's.
     """
     module = model_module(config.task)
-    overrides = dict(
-        config.model_overrides.to_dict()
-        if hasattr(config.model_overrides, "to_dict")
-        else config.model_overrides
-    )
+    overrides = config.model_overrides
+    overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: keep the preset's
     if isinstance(overrides.get("position"), Mapping):
         overrides["position"] = PositionConfig(**overrides["position"])
     fields = {f.name for f in dataclasses.fields(module.Config)}
