@@ -1,0 +1,155 @@
+"""Beam search: Hugging Face parity on a converted random Marian model, greedy, scores, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from attnzoo.configs import sharding as rules
+
+from attnzoo.decoding.beam_search import beam_search, length_penalty
+from attnzoo.models import convert
+from attnzoo.models import encoder_decoder as ed
+from attnzoo.training.mesh import make_mesh
+from attnzoo.training.sharding import tree_shardings
+
+V, EOS, BOS, PAD, MAX_LEN = 48, 1, 0, 0, 12
+
+
+@pytest.fixture(scope="module")
+def marian():
+    """A random HF Marian model whose EOS is likely enough that beams finish at varied lengths."""
+    torch.manual_seed(0)
+    config = transformers.MarianConfig(
+        vocab_size=V,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+        scale_embedding=True,
+        init_std=0.1,  # source-dependent outputs (at 0.02 the decoder ignores the source)
+    )
+    model = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, EOS] = 1.0
+    cfg, graphdef, params = convert.from_transformers(model)
+    return model, cfg, graphdef, params
+
+
+def _src() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    src = rng.integers(2, V, size=(6, 9))
+    for row, n_pad in enumerate([0, 3, 5, 1, 0, 7]):
+        src[row, 9 - n_pad :] = PAD
+    return src
+
+
+def _hf_beam(model, src, *, num_beams, alpha, max_len) -> np.ndarray:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.from_numpy(src),
+            attention_mask=torch.from_numpy((src != PAD).astype(np.int64)),
+            num_beams=num_beams,
+            length_penalty=alpha,
+            early_stopping=True,
+            max_length=max_len + 1,  # HF counts the decoder start token
+            do_sample=False,
+            forced_eos_token_id=None,  # Marian's default forces EOS at max_length
+        ).numpy()[:, 1:]
+    out = np.pad(out, ((0, 0), (0, max_len - out.shape[1])), constant_values=PAD)
+    # HF fills after EOS with `pad_token_id or eos_token_id`, i.e. EOS when pad is 0
+    after_eos = np.cumsum(out == EOS, axis=1) - (out == EOS) > 0
+    return np.where(after_eos, PAD, out)
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0, -0.5])
+def test_matches_hf_generate_num_beams_4(marian, alpha):
+    model, cfg, graphdef, params = marian
+    src = _src()
+    want = _hf_beam(model, src, num_beams=4, alpha=alpha, max_len=MAX_LEN)
+    ours = beam_search(
+        graphdef, params, cfg, src, beam_size=4, alpha=alpha, max_len=MAX_LEN, eos_id=EOS,
+        bos_id=BOS, length_penalty="power",
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(ours), want)
+    ends = [(row == EOS).argmax() if (row == EOS).any() else MAX_LEN for row in want]
+    assert len(set(ends)) > 2, f"the test needs varied output lengths, got {ends}"
+
+
+def _naive_greedy(graphdef, params, src, max_len):
+    """Re-runs the full model on the growing target and takes the argmax, per sentence."""
+    rows = []
+    for s in src:
+        s = s[s != PAD][None]
+        tgt = [BOS]
+        while len(tgt) <= max_len:
+            logits = ed.apply(graphdef, params, jnp.asarray(s), jnp.asarray([tgt]))
+            tgt.append(int(jnp.argmax(logits[0, -1])))
+            if tgt[-1] == EOS:
+                break
+        rows.append(tgt[1:] + [PAD] * (max_len + 1 - len(tgt)))
+    return np.asarray(rows)
+
+
+def test_beam_one_is_greedy(marian):
+    _, cfg, graphdef, params = marian
+    src = _src()
+    ours = beam_search(
+        graphdef, params, cfg, src, beam_size=1, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS
+    )
+    np.testing.assert_array_equal(np.asarray(ours), _naive_greedy(graphdef, params, src, MAX_LEN))
+
+
+def test_scores_are_gnmt_penalised_logprobs_of_the_tokens(marian):
+    _, cfg, graphdef, params = marian
+    src = _src()
+    tokens, scores = beam_search(
+        graphdef, params, cfg, src, beam_size=4, alpha=0.6, max_len=MAX_LEN, eos_id=EOS,
+        bos_id=BOS, return_scores=True,
+    )  # fmt: skip
+    tokens = np.asarray(tokens)
+    for s, toks, score in zip(src, tokens, np.asarray(scores), strict=True):
+        n = int((toks == EOS).argmax()) + 1 if (toks == EOS).any() else MAX_LEN
+        tgt = np.concatenate([[BOS], toks[: n - 1]])
+        s = s[s != PAD][None]
+        logp = jax.nn.log_softmax(ed.apply(graphdef, params, jnp.asarray(s), tgt[None])[0])
+        total = float(np.sum(np.asarray(logp)[np.arange(n), toks[:n]], dtype=np.float64))
+        want = total / ((5 + n) / 6) ** 0.6  # GNMT, Wu et al. 2016 eq. 14
+        np.testing.assert_allclose(score, want, rtol=1e-5)
+
+
+def test_length_penalty_formulas():
+    np.testing.assert_allclose(length_penalty(7, 0.6), (12 / 6) ** 0.6, rtol=1e-6)
+    np.testing.assert_allclose(length_penalty(7, 0.6, kind="power"), 7**0.6, rtol=1e-6)
+
+
+def test_sharded_params_and_batch_give_the_same_tokens(marian):
+    _, cfg, graphdef, params = marian
+    src = np.concatenate([_src(), _src()[:2]])  # 8 rows: one per device
+    want = beam_search(graphdef, params, cfg, src, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS)
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    sharded = jax.device_put(params, tree_shardings(params, mesh, rules.FSDP))
+    src_sharded = jax.device_put(
+        src, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    )
+    got = beam_search(graphdef, sharded, cfg, src_sharded, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_bad_inputs(marian):
+    _, cfg, graphdef, params = marian
+    kw = dict(max_len=MAX_LEN, eos_id=EOS, bos_id=BOS)
+    with pytest.raises(ValueError, match="empty source sentence"):
+        beam_search(graphdef, params, cfg, np.array([[5, 6], [PAD, PAD]]), **kw)
+    with pytest.raises(ValueError, match="unknown length_penalty 'hf'"):
+        beam_search(graphdef, params, cfg, _src(), length_penalty="hf", **kw)
+    with pytest.raises(ValueError, match="for decoder-only LMs use"):
+        beam_search(graphdef, params, object(), _src(), **kw)
