@@ -82,9 +82,11 @@ def test_scale_and_shaw_relative_terms():
     np.testing.assert_allclose(out, want, atol=1e-5)
 
 
-def test_default_implementation_is_einsum_on_cpu():
+def test_default_implementation_on_cpu_is_einsum_then_blockwise():
     assert jax.default_backend() == "cpu"
     assert attention.default_implementation() == "einsum"
+    assert attention.default_implementation(1024) == "einsum"
+    assert attention.default_implementation(4096) == "blockwise"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
