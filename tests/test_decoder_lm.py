@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnzoo.models import decoder_lm
+from attnzoo.models import decoder_lm, positional
 from attnzoo.models.positional import PositionConfig
 
 V, T = 64, 12
@@ -253,3 +253,26 @@ def test_bfloat16_activations_track_float32(models, tokens):
     out16 = decoder_lm.apply(g16, params, tokens)
     assert out16.dtype == jnp.bfloat16 and params["embed"]["embedding"].dtype == jnp.float32
     _close(out16.astype(jnp.float32), decoder_lm.apply(g, params, tokens), atol=0.1)
+
+
+@pytest.mark.parametrize("kind", positional.kinds())
+def test_every_positional_kind_scans_and_decodes_incrementally(kind, tokens):
+    """Any kind on any preset: scanned = unrolled, and cached decoding = the full forward."""
+    cfg = decoder_lm.Config.llama_small(vocab_size=V).replace(
+        d_model=32,
+        d_ff=48,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=2,
+        position=PositionConfig(kind=kind, max_len=32),
+    )
+    g, p = decoder_lm.init(cfg, jax.random.key(0))
+    full = decoder_lm.apply(g, p, tokens)
+    scfg, sg, sp = decoder_lm.relayout(cfg, p, scan_layers=True)
+    _close(decoder_lm.apply(sg, sp, tokens), full)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
+    logits, cache = decoder_lm.apply(
+        sg, sp, tokens[:, :7], pos[:, :7], cache=decoder_lm.init_cache(scfg, 2, T)
+    )
+    step, _ = decoder_lm.apply(sg, sp, tokens[:, 7:8], pos[:, 7:8], cache=cache)
+    _close(jnp.concatenate([logits, step], 1), full[:, :8])

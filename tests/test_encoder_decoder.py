@@ -10,6 +10,8 @@ import pytest
 from flax import nnx
 
 from attnzoo.models import encoder_decoder as ed
+from attnzoo.models import positional
+from attnzoo.models.positional import PositionConfig
 
 V, S, T = 64, 9, 7
 
@@ -285,3 +287,25 @@ def test_t5_style_incremental_decoding_with_relative_bias(batch):
         )
         outs.append(logits)
     _close(jnp.concatenate(outs, 1), full)
+
+
+@pytest.mark.parametrize("kind", positional.kinds())
+def test_every_positional_kind_scans_and_decodes_incrementally(kind, batch):
+    src, tgt, src_seg = batch
+    cfg = ed.Config.tiny(vocab_size=V).replace(
+        d_model=32, d_ff=64, n_heads=4, n_encoder_layers=1, position=PositionConfig(kind=kind)
+    )
+    g, p = ed.init(cfg, jax.random.key(0))
+    full = ed.apply(g, p, src, tgt, src_seg)
+    scfg, sg, sp = ed.relayout(cfg, p, scan_layers=True)
+    _close(ed.apply(sg, sp, src, tgt, src_seg), full)
+    encoded = ed.encode(sg, sp, src, src_seg)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tgt.shape)
+    cache = ed.init_cache(scfg, 2, 8)
+    logits, cache = ed.decode(
+        sg, sp, encoded, src_seg, tgt[:, :4], tgt_positions=pos[:, :4], cache=cache
+    )
+    step, _ = ed.decode(
+        sg, sp, encoded, src_seg, tgt[:, 4:5], tgt_positions=pos[:, 4:5], cache=cache
+    )
+    _close(jnp.concatenate([logits, step], 1), full[:, :5])
