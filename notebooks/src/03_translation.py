@@ -224,7 +224,7 @@ fig, axes = plt.subplots(
     1, len(cross), figsize=(6.5 * len(cross), 6), squeeze=False, constrained_layout=True
 )
 for layer, (ax, w) in enumerate(zip(axes[0], cross, strict=True)):
-    im = ax.imshow(np.asarray(w[0].mean(0)), cmap="Blues", vmin=0, vmax=1)  # heads averaged
+    im = ax.imshow(np.asarray(w[0].mean(0)), cmap="Blues", vmin=0)  # [T, S], heads averaged
     ax.set_xticks(range(len(src_labels)), src_labels, rotation=90, fontsize=8)
     ax.set_yticks(range(len(tgt_labels)), tgt_labels, fontsize=8)
     ax.set(
@@ -232,6 +232,6 @@ for layer, (ax, w) in enumerate(zip(axes[0], cross, strict=True)):
         xlabel="source (English)",
         ylabel="target prefix (Spanish, model output)",
     )
-fig.colorbar(im, ax=axes, label="attention weight", shrink=0.7)
+    fig.colorbar(im, ax=ax, label="attention weight", shrink=0.7)
 save(fig, "03_cross_attention")
 plt.show()
