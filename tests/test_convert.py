@@ -3,6 +3,8 @@
 Each parity test prints its max abs logit difference (``pytest -s``); the bound is 1e-4 float32.
 """
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -270,6 +272,17 @@ def test_from_safetensors_equals_from_transformers(name, request, tmp_path):
     cfg, _, got = convert.from_safetensors(tmp_path)
     assert cfg == convert.from_transformers(hf_model)[0]
     for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got), strict=True):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+def test_bfloat16_safetensors_checkpoint(gpt2, tmp_path):
+    """Real LLaMA-style checkpoints are bfloat16, which numpy cannot hold."""
+    bf16 = copy.deepcopy(gpt2).to(torch.bfloat16)
+    bf16.save_pretrained(tmp_path)
+    _, _, got = convert.from_safetensors(tmp_path)
+    _, _, want = convert.from_transformers(bf16)  # upcast by torch
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got), strict=True):
+        assert b[...].dtype == jnp.float32
         np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
 
 

@@ -99,9 +99,10 @@ def _set(pure: dict, path: Path, value: np.ndarray) -> None:
 
 
 def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor: upcast bf16/fp16 (numpy has no bfloat16)
+    """A torch, jax or numpy tensor as float32 numpy (bfloat16/float16 checkpoints upcast)."""
+    if hasattr(x, "detach"):  # torch.Tensor
         return x.detach().cpu().float().numpy()
-    return np.asarray(x, dtype=np.float32)
+    return np.asarray(jax.numpy.asarray(x, jax.numpy.float32))
 
 
 def family_of(hf_config: Any) -> str:
@@ -130,7 +131,8 @@ def from_safetensors(
 ) -> tuple[Any, nnx.GraphDef, nnx.State]:
     """A checkpoint on disk: a ``.safetensors`` file (give ``hf_config``) or a directory with
     ``config.json`` and ``model.safetensors`` or sharded ``model.safetensors.index.json``."""
-    from safetensors.numpy import load_file  # noqa: PLC0415  (optional dependency)
+    # the flax reader keeps bfloat16 checkpoints loadable (numpy has no bfloat16)
+    from safetensors.flax import load_file  # noqa: PLC0415  (optional dependency)
 
     path = pathlib.Path(path)
     if path.is_dir():
