@@ -276,3 +276,27 @@ def test_every_positional_kind_scans_and_decodes_incrementally(kind, tokens):
     )
     step, _ = decoder_lm.apply(sg, sp, tokens[:, 7:8], pos[:, 7:8], cache=cache)
     _close(jnp.concatenate([logits, step], 1), full[:, :8])
+
+
+def test_logical_axes_shard_params_on_a_mesh(models):
+    """The logical names map to a (data, model) mesh and the sharded model computes the same."""
+    _, g, p = models["scanned"]
+    # Auto axes, as in training: activations are not annotated, XLA propagates from params
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = {"heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"}
+
+    def sharding(var):
+        names = var.get_metadata()["out_sharding"]
+        spec = jax.sharding.PartitionSpec(*(rules.get(n) for n in names))
+        return jax.sharding.NamedSharding(mesh, spec)
+
+    shardings = jax.tree.map(sharding, p, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    sharded = jax.device_put(p, shardings)
+    wi = sharded["blocks"]["mlp"]["wi"]["kernel"][...]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    x = jax.random.randint(jax.random.key(2), (4, T), 0, V)
+    x_sharded = jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+    out = jax.jit(decoder_lm.apply, static_argnums=0)(g, sharded, x_sharded)
+    _close(out, decoder_lm.apply(g, p, x))
