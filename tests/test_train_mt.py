@@ -26,6 +26,7 @@ def _config():
         checkpoint_every=40,
         eval_batches=2,
         log_every=10,
+        bleu_sentences=4,
     )
     return c
 
@@ -45,6 +46,9 @@ def test_mt_run_learns(trained):
     train = [r["train_loss"] for r in rows if "train_loss" in r]
     assert len(train) == 4 and train[-1] < train[0] - 0.5
     assert summary["step"] == 40
+    # BLEU of beam-search translations is part of the eval (tiny: any valid score).
+    assert 0.0 <= summary["eval_bleu"] <= 100.0
+    assert any("eval_bleu" in r for r in rows)
 
 
 def test_mt_checkpoint_restores_an_encoder_decoder(trained):

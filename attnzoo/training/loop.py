@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+import attnzoo.data
 from attnzoo.configs import defaults
 from attnzoo.training import checkpoint, experiment, input_pipeline, sharding, steps
 
@@ -143,6 +144,24 @@ def evaluate(
     }
 
 
+def evaluate_bleu(config, params, *, graphdef, model_cfg, tokenizer, split="validation") -> float:
+    """Corpus sacreBLEU of beam-search translations of ``config.bleu_sentences`` eval pairs."""
+    from attnzoo.decoding import translate as translation  # noqa: PLC0415  (MT only)
+
+    pairs = attnzoo.data.text_pairs(config.dataset, split, data_dir=config.data_dir)
+    pairs = pairs[: config.bleu_sentences]
+    hypotheses = translation.translate(
+        graphdef,
+        params,
+        model_cfg,
+        tokenizer,
+        [src for src, _ in pairs],
+        max_len=config.seq_len,
+        max_src_len=config.seq_len,
+    )
+    return translation.corpus_bleu(hypotheses, [ref for _, ref in pairs]).score
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the experiment ``config`` in ``workdir``; returns a summary."""
     validate_config(config)
@@ -220,6 +239,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     tokenizer=tokenizer,
                     batch_sharding=exp.batch_sharding,
                 )
+                if config.task == "mt" and config.bleu_sentences and n_proc == 1:
+                    # Beam search gathers its output on one host; multi-host runs evaluate
+                    # BLEU afterwards with attnzoo-eval.
+                    eval_metrics["eval_bleu"] = evaluate_bleu(
+                        config,
+                        state.params,
+                        graphdef=exp.graphdef,
+                        model_cfg=exp.model_cfg,
+                        tokenizer=tokenizer,
+                    )
                 logger.write(step, eval_metrics)
                 if is_main:
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
