@@ -300,3 +300,18 @@ def test_logical_axes_shard_params_on_a_mesh(models):
     )
     out = jax.jit(decoder_lm.apply, static_argnums=0)(g, sharded, x_sharded)
     _close(out, decoder_lm.apply(g, p, x))
+
+
+def test_scanned_program_size_does_not_grow_with_depth(tokens):
+    """Why scan compiles in constant time: the lowered program is the same for any depth."""
+
+    def program_lines(n_layers: int, scan: bool) -> int:
+        cfg = decoder_lm.Config.tiny(vocab_size=V).replace(
+            d_model=32, d_ff=64, n_layers=n_layers, scan_layers=scan
+        )
+        g, p = decoder_lm.init(cfg, jax.random.key(0))
+        loss = lambda p: jnp.mean(decoder_lm.apply(g, p, tokens))  # noqa: E731
+        return len(jax.jit(jax.grad(loss)).lower(p).as_text().splitlines())
+
+    assert program_lines(2, scan=True) == program_lines(8, scan=True)
+    assert program_lines(8, scan=False) > 2 * program_lines(2, scan=False)
