@@ -146,6 +146,18 @@ def test_kv_cache_decoding_with_per_example_write_index():
     np.testing.assert_allclose(cache.k[1, :8], k_full[1, :8], atol=1e-6)
 
 
+def test_segment_ids_equal_dense_segment_mask():
+    x, _ = inputs()
+    seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 3, 3]])
+    pos = jnp.array([[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]])
+    for impl in ("einsum", "blockwise"):
+        mha = make(4, 2, causal=True, implementation=impl)
+        got, _ = mha(x, q_positions=pos, q_segment_ids=seg)
+        want = torch_mha(mha, x, x, masks.combine(masks.causal(pos, pos), masks.segment(seg, seg)))
+        real = np.asarray(seg != 0)  # torch gives NaN on the fully masked padding row
+        np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5, err_msg=impl)
+
+
 def test_dropout():
     x, _ = inputs()
     q_pos = positions(2, T)

@@ -32,7 +32,12 @@ class KVCache:
         return cls(k=z, v=z)
 
     def write(self, k_new: jax.Array, v_new: jax.Array, index: jax.Array) -> KVCache:
-        """Writes k/v_new [B, T, K, H] at per-row slot ``index`` [B]."""
+        """Writes k/v_new [B, T, K, H] at per-row slot ``index`` [B].
+
+        Rows write at their own slots (prompts of different lengths decode in one batch).
+        ``index + T`` must stay <= S_max: like ``lax.dynamic_update_slice``, a write past the
+        end is clamped onto the last slots, so callers size the cache for prompt + new tokens.
+        """
         put = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
         return KVCache(
             k=put(self.k, k_new.astype(self.k.dtype), index),
@@ -134,6 +139,8 @@ class MultiHeadAttention(nnx.Module):
         bias: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
+        q_segment_ids: jax.Array | None = None,
+        k_segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
@@ -146,6 +153,10 @@ class MultiHeadAttention(nnx.Module):
           k_positions: [B, S] key positions (default ``q_positions``; with a cache, the
             positions of every cache slot after this write).
           mask: extra bool mask broadcastable to [B, N, T, S] (padding, segments).
+          q_segment_ids, k_segment_ids: [B, T], [B, S] packed-segment ids (0 = padding), the
+            structured alternative to a ``masks.segment`` array: the blockwise path then
+            builds the segment mask per block (k_segment_ids defaults to q_segment_ids for
+            self-attention without a cache).
           bias: logits bias [B or 1, N, T, S] (ALiBi, T5), computed once per stack.
           cache, cache_index: this layer's KV cache and per-row write slot [B]; new keys are
             written at ``cache_index`` and attention runs over the whole cache.
@@ -170,6 +181,13 @@ class MultiHeadAttention(nnx.Module):
             k, v = cache.k, cache.v
         if k_positions is None:
             k_positions = q_positions if is_self else None
+        if q_segment_ids is not None and k_segment_ids is None:
+            if not is_self or cache is not None:
+                raise ValueError(
+                    "q_segment_ids without k_segment_ids only works for self-attention "
+                    "without a cache; pass k_segment_ids for the keys"
+                )
+            k_segment_ids = q_segment_ids
         rel_k = rel_v = None
         if is_self and self.position is not None:
             rel_k, rel_v = self.position.relative(q_positions, k_positions)
@@ -196,5 +214,7 @@ class MultiHeadAttention(nnx.Module):
             sliding_window=self.sliding_window if is_self else None,
             q_positions=q_positions,
             k_positions=k_positions,
+            q_segment_ids=q_segment_ids,
+            k_segment_ids=k_segment_ids,
         )
         return self.o(out), cache
