@@ -6,6 +6,8 @@ models' functional KV caches); ``cli`` wraps them as ``attnzoo-generate``,
 """
 
 from attnzoo.decoding import sampling
+from attnzoo.decoding.beam_search import beam_search
 from attnzoo.decoding.generation import generate, pad_prompts
+from attnzoo.decoding.translate import corpus_bleu, translate
 
-__all__ = ["generate", "pad_prompts", "sampling"]
+__all__ = ["beam_search", "corpus_bleu", "generate", "pad_prompts", "sampling", "translate"]
