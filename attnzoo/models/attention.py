@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.models import masks
+from attnzoo.models.blockwise import MASKED_LOGIT, blockwise_attention
 
 IMPLEMENTATIONS = ("einsum", "jax", "blockwise")
 
@@ -31,10 +32,6 @@ IMPLEMENTATIONS = ("einsum", "jax", "blockwise")
 _DEFAULT_BY_BACKEND = {"cpu": "einsum", "gpu": "jax", "cuda": "jax", "rocm": "jax", "tpu": "einsum"}
 # Key lengths from which the default switches to "blockwise" (None: never).
 _BLOCKWISE_FROM = {"cpu": 2048}
-
-# A large finite value instead of -inf: a row with every key masked then gets a uniform softmax
-# (the mean of the values) instead of NaNs, which keeps padding rows harmless under grad.
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def default_implementation(k_len: int | None = None) -> str:
@@ -132,8 +129,6 @@ def dot_product_attention(
         raise ValueError("give both q_segment_ids and k_segment_ids, or neither")
     needs_einsum = rel_k is not None or rel_v is not None or dropout_rate > 0.0
     if impl == "blockwise" and not needs_einsum:
-        from attnzoo.models.blockwise import blockwise_attention  # noqa: PLC0415
-
         return blockwise_attention(
             q, k, v, mask=mask, bias=bias, scale=scale, causal=causal,
             sliding_window=sliding_window, q_positions=q_positions, k_positions=k_positions,
@@ -190,7 +185,7 @@ def _einsum_attention(q, k, v, *, mask, bias, scale, rel_k, rel_v, dropout_rate,
     if bias is not None:
         logits += _group(bias, K, G, grouped).astype(jnp.float32)
     if mask is not None:
-        logits = jnp.where(_group(mask, K, G, grouped), logits, _NEG_INF)
+        logits = jnp.where(_group(mask, K, G, grouped), logits, MASKED_LOGIT)
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0:
         if dropout_rng is None:

@@ -13,7 +13,7 @@ the loop from [B, T] integer vectors. Dense ``mask`` / ``bias`` arrays broadcast
 [B, N, T, S] are also accepted (sliced per block), for padding masks or ALiBi/T5 biases.
 
 Semantics match the einsum path exactly, including rows whose every key is masked (they average
-all values, as softmax over equal ``_NEG_INF`` logits does).
+all values, as softmax over equal ``MASKED_LOGIT`` logits does).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Same masked-logit value as attention._einsum_attention, so fully masked rows agree.
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The logit of a masked (query, key) pair on every attention path. Large but finite, so a row
+# with every key masked gets a uniform softmax (the mean of the values) instead of NaNs, which
+# keeps padding rows harmless under grad.
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Keys that only exist because S was padded to a multiple of k_block: below every real logit,
 # including masked ones, so they get exactly zero weight even in fully masked rows.
 _PAD_LOGIT = float(jnp.finfo(jnp.float32).min)
@@ -75,6 +77,11 @@ def blockwise_attention(
     Returns:
       [B, T, N, H] in the dtype of ``q``; softmax statistics are float32.
     """
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"need q [B, T, N, H] and k, v [B, S, K, H] with N % K == 0; got q {q.shape}, "
+            f"k {k.shape}, v {v.shape}"
+        )
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     if (q_segment_ids is None) != (k_segment_ids is None):
@@ -192,7 +199,7 @@ def _block_logits(st: _Static, qi, kj, bias4, ints, mask4, i, j):
     if mask4 is not None:
         allowed = conj(allowed, _group(_rows(_rows(mask4, q0, tq, 2), k0, tk, 3), st.n_kv))
     if allowed is not None:
-        s = jnp.where(allowed, s, _NEG_INF)
+        s = jnp.where(allowed, s, MASKED_LOGIT)
     real_key = (k0 + jnp.arange(tk)) < st.k_len  # (tk,)
     s = jnp.where(real_key, s, _PAD_LOGIT)
     keep = real_key if allowed is None else allowed & real_key
@@ -245,7 +252,7 @@ def _forward(st: _Static, q, k, v, bias4, ints, mask4):
         )
         (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(nk))
         out = (acc / l[..., None]).astype(q.dtype)  # (B, K, G, tq, H)
-        # m and 1/l, not lse = m + log l: in a fully masked row m = _NEG_INF swallows log l.
+        # m and 1/l, not lse = m + log l: in a fully masked row m = MASKED_LOGIT swallows log l.
         return out, jnp.stack([m, 1.0 / l])
 
     # (nq, B, K, G, tq, H), (nq, 2, B, K, G, tq)
