@@ -123,7 +123,9 @@ plt.show()
 #
 # `attnzoo.decoding.beam_search` encodes the source once, then runs beams over a KV cache with
 # the GNMT length penalty $((5 + |y|) / 6)^\alpha$. Sources are formatted as in training
-# (`tokens + [eos]`), padded with `pad_id` (0).
+# (`tokens + [eos]`), padded with `pad_id` (0). For text in, text out (batching and length
+# bucketing included) there is `attnzoo.decoding.translate(graphdef, params, cfg, tokenizer,
+# sentences)`; here we stay at the token level to reuse the tokens below.
 
 # %%
 pairs = attnzoo.data.text_pairs(config.dataset, "validation")
@@ -219,7 +221,8 @@ cross = weights[n_enc + 1 :: 2]  # one [1, N, T, S] per decoder layer
 assert len(cross) == exp.model_cfg.n_decoder_layers
 
 src_labels = [tokenizer.decode([t]) or "</s>" for t in sources[i]]
-tgt_labels = ["<s>"] + [tokenizer.decode([t]) for t in until_eos(out[i])]
+# Row t is the decoder reading input t to predict target token t + 1: label rows by prediction.
+tgt_labels = [tokenizer.decode([t]) for t in until_eos(out[i])] + ["</s>"]
 fig, axes = plt.subplots(
     1, len(cross), figsize=(6.5 * len(cross), 6), squeeze=False, constrained_layout=True
 )
@@ -230,7 +233,7 @@ for layer, (ax, w) in enumerate(zip(axes[0], cross, strict=True)):
     ax.set(
         title=f"Decoder layer {layer}: cross-attention (mean over heads)",
         xlabel="source (English)",
-        ylabel="target prefix (Spanish, model output)",
+        ylabel="predicted target token (Spanish, model output)",
     )
     fig.colorbar(im, ax=ax, label="attention weight", shrink=0.7)
 save(fig, "03_cross_attention")
