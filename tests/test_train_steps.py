@@ -223,3 +223,17 @@ def test_config_has_the_stable_keys():
         assert key in c
     assert set(c.mesh) == {"data", "fsdp", "tensor"}
     assert isinstance(c.model_overrides, ml_collections.ConfigDict)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss(model):
+    cfg, _, params = model
+    bf16 = cfg.replace(dtype="bfloat16")
+    graphdef, _ = decoder_lm.init(bf16, jax.random.key(0))
+    state, step = _step((bf16, graphdef, params), 1)
+    new, m = step(state, _batch(), None)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+    logits = decoder_lm.apply(graphdef, params, jnp.asarray(_batch()["inputs"]))
+    assert logits.dtype == jnp.bfloat16
+    state32, step32 = _step(model, 1)
+    _, m32 = step32(state32, _batch(), None)
+    np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=2e-2)
