@@ -9,8 +9,9 @@ import transformers
 from attnzoo.configs import sharding as rules
 
 from attnzoo.decoding.beam_search import beam_search, length_penalty
-from attnzoo.models import convert
+from attnzoo.models import convert, positional
 from attnzoo.models import encoder_decoder as ed
+from attnzoo.models.positional import PositionConfig
 from attnzoo.training.mesh import make_mesh
 from attnzoo.training.sharding import tree_shardings
 
@@ -106,6 +107,41 @@ def test_beam_one_is_greedy(marian):
         graphdef, params, cfg, src, beam_size=1, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS
     )
     np.testing.assert_array_equal(np.asarray(ours), _naive_greedy(graphdef, params, src, MAX_LEN))
+
+
+def _greedy_full_forward(graphdef, params, src, max_len):
+    """Greedy with no cache: the full teacher-forced model on a growing target, jitted once.
+
+    The target buffer has a fixed length; causal attention keeps the unfilled tail (padding
+    that is overwritten later) from influencing position t.
+    """
+    apply = jax.jit(lambda p, s, seg, t: ed.apply(graphdef, p, s, t, seg))
+    seg = (src != PAD).astype(np.int32)
+    tgt = np.full((len(src), max_len), PAD, np.int32)
+    tgt[:, 0] = BOS
+    out = np.full((len(src), max_len), PAD, np.int32)
+    done = np.zeros(len(src), bool)
+    for t in range(max_len):
+        tok = np.asarray(jnp.argmax(apply(params, src, seg, tgt)[:, t], -1))
+        out[:, t] = np.where(done, PAD, tok)
+        done |= tok == EOS
+        if t + 1 < max_len:
+            tgt[:, t + 1] = tok
+    return out
+
+
+@pytest.mark.parametrize("kind", positional.kinds())
+def test_beam_one_is_greedy_for_every_positional_kind(kind):
+    cfg = ed.Config.tiny(vocab_size=V).replace(
+        d_model=32, d_ff=64, n_encoder_layers=1, n_decoder_layers=1, dropout=0.0,
+        tie_embeddings=False, position=PositionConfig(kind=kind, max_len=32),
+    )  # fmt: skip
+    graphdef, params = ed.init(cfg, jax.random.key(5))
+    src = _src()
+    want = _greedy_full_forward(graphdef, params, src, 10)
+    got = beam_search(graphdef, params, cfg, src, beam_size=1, max_len=10, eos_id=EOS, bos_id=BOS)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert len({tuple(r) for r in want}) > 1
 
 
 def test_scores_are_gnmt_penalised_logprobs_of_the_tokens(marian):
