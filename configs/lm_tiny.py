@@ -22,8 +22,9 @@ def get_config():
     # hundreds of steps.
     c.model_overrides.embed_scale = True
     c.steps = 600
-    c.batch_size = 32
-    c.seq_len = 128
+    # 256 bytes of context: generation (attnzoo-generate) stays inside trained positions.
+    c.batch_size = 16
+    c.seq_len = 256
     c.learning_rate = 3e-3
     c.warmup_steps = 50
     c.weight_decay = 0.01

@@ -200,3 +200,21 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt = checkpoint.Checkpoints(tmp_path, read_only=True)
     assert ckpt.steps() == [1]
     ckpt.close()
+
+
+def test_keeps_the_latest_n_plus_the_best(tmp_path):
+    c = _tiny_config(dict(data=8, fsdp=1, tensor=1), "dp")
+    state = experiment.build(c, vocab_size=64).init_state()
+    ckpt = checkpoint.Checkpoints(tmp_path, keep=2, async_save=False)
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None), (5, 2.5)]:
+        metrics = None if loss is None else {"eval_loss": loss}
+        ckpt.save(
+            state.replace(step=state.step + step),
+            data_state={},
+            config=c,
+            metrics=metrics,
+            force=True,
+        )
+    ckpt.wait()
+    assert ckpt.steps() == [2, 4, 5]  # the best (lowest eval loss) and the latest two
+    ckpt.close()

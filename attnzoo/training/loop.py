@@ -103,7 +103,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _global_mean(x: dict[str, jax.Array]) -> dict[str, float]:
+def _to_host(x: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(x).items()}
 
 
@@ -135,7 +135,7 @@ def evaluate(
         empty = jax.tree.map(np.zeros_like, batch)
         sums = eval_fn(params, sharding.put_batch(batch, batch_sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    t = _global_mean(totals)
+    t = _to_host(totals)
     loss = t["nll"] / max(t["weight"], 1.0)
     return {
         "eval_loss": loss,
@@ -208,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         while step < config.steps:
             batch = sharding.put_batch(next(train_iter), exp.batch_sharding)
             state, metrics = exp.train_step(state, batch, steps.step_rng(state))
-            m = _global_mean(metrics)
+            m = _to_host(metrics)
             if not m.pop("finite"):
                 raise TrainingError(
                     f"non-finite loss or gradients at step {step + 1} (loss {m['loss']}, "
