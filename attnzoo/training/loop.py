@@ -146,11 +146,11 @@ def evaluate(
 
 def evaluate_bleu(config, params, *, graphdef, model_cfg, tokenizer, split="validation") -> float:
     """Corpus sacreBLEU of beam-search translations of ``config.bleu_sentences`` eval pairs."""
-    from attnzoo.decoding import translate as translation  # noqa: PLC0415  (MT only)
+    from attnzoo import decoding  # noqa: PLC0415  (MT only)
 
     pairs = attnzoo.data.text_pairs(config.dataset, split, data_dir=config.data_dir)
     pairs = pairs[: config.bleu_sentences]
-    hypotheses = translation.translate(
+    hypotheses = decoding.translate(
         graphdef,
         params,
         model_cfg,
@@ -159,7 +159,7 @@ def evaluate_bleu(config, params, *, graphdef, model_cfg, tokenizer, split="vali
         max_len=config.seq_len,
         max_src_len=config.seq_len,
     )
-    return translation.corpus_bleu(hypotheses, [ref for _, ref in pairs]).score
+    return decoding.corpus_bleu(hypotheses, [ref for _, ref in pairs]).score
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
