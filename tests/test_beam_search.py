@@ -85,6 +85,15 @@ def test_matches_hf_generate_num_beams_4(marian, alpha):
     assert len(set(ends)) > 2, f"the test needs varied output lengths, got {ends}"
 
 
+def test_scanned_layers_give_the_same_beams(marian):
+    _, cfg, graphdef, params = marian
+    kw = dict(beam_size=4, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS)
+    scfg, sgraphdef, sparams = ed.relayout(cfg, params, scan_layers=True)
+    want = beam_search(graphdef, params, cfg, _src(), **kw)
+    got = beam_search(sgraphdef, sparams, scfg, _src(), **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def _naive_greedy(graphdef, params, src, max_len):
     """Re-runs the full model on the growing target and takes the argmax, per sentence."""
     rows = []

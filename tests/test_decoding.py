@@ -14,7 +14,7 @@ from attnzoo.models.positional import PositionConfig
 PROMPTS = [[3, 9, 4, 1, 7], [12], [5, 6, 30]]  # different lengths on purpose
 
 
-def _cfg(kind: str) -> decoder_lm.Config:
+def _cfg(kind: str, **kw) -> decoder_lm.Config:
     # A large embedding init and an untied head spread the logits so that greedy paths vary
     # token to token (a tied head mostly repeats the last token).
     return decoder_lm.Config(
@@ -26,7 +26,7 @@ def _cfg(kind: str) -> decoder_lm.Config:
         embed_init_std=1.0,
         tie_embeddings=False,
         position=PositionConfig(kind=kind, max_len=64),
-    )
+    ).replace(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,16 @@ def _naive_greedy(graphdef, params, prompt, n, stop=()):
     return out + [0] * (n - len(out))
 
 
-@pytest.mark.parametrize("kind", positional.kinds())
-def test_cached_logits_equal_full_forward_every_step(kind):
-    cfg = _cfg(kind)
+VARIANTS = {kind: {} for kind in positional.kinds()} | {
+    "rope-gqa-window": dict(n_kv_heads=2, sliding_window=4),
+    "learned-scanned": dict(scan_layers=True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_logits_equal_full_forward_every_step(variant):
+    kind = variant.split("-")[0]
+    cfg = _cfg(kind, **VARIANTS[variant])
     graphdef, params = decoder_lm.init(cfg, jax.random.key(1))
     tokens, lengths = gen.pad_prompts(PROMPTS)
     n_steps, cache_len = 6, tokens.shape[1] + 6
