@@ -118,14 +118,21 @@ def test_stop_tokens_pad_the_rest(lm):
     assert (out[0, 3:] == 0).all()
 
 
-def test_all_rows_stopped_exits_with_padding(lm):
+def test_loop_exits_once_every_row_has_stopped(lm):
     cfg, graphdef, params = lm
-    first = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=1))[:, 0]
-    out = np.asarray(
-        gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=6, stop_tokens=tuple(first))
-    )
-    np.testing.assert_array_equal(out[:, 0], first)
-    assert (out[:, 1:] == 0).all()
+    free = np.asarray([_naive_greedy(graphdef, params, p, 8) for p in PROMPTS])
+    # each row stops at a different step: rows' 1st, 3rd and 2nd tokens (first occurrences)
+    stops = (int(free[0, 0]), int(free[1, 2]), int(free[2, 1]))
+    tokens, lengths = gen.pad_prompts(PROMPTS)
+    out, steps = gen._generate(
+        graphdef, params, tokens, lengths, jax.random.key(0), 1.0, 1.0, 0.0, 1.0, cfg=cfg,
+        max_new_tokens=8, cache_len=16, sampler="greedy", top_k=None, use_top_p=False,
+        use_min_p=False, use_penalty=False, stop_tokens=stops, pad_id=0,
+    )  # fmt: skip
+    ends = [min(int(np.flatnonzero(np.isin(r, stops))[0]) + 1, 8) for r in free]
+    assert int(steps) == max(ends) < 8  # no decoding after the last row stopped
+    want = [_naive_greedy(graphdef, params, p, 8, stop=stops) for p in PROMPTS]
+    np.testing.assert_array_equal(np.asarray(out), want)
 
 
 def test_sampling_reproducible_and_temperature_zero_is_greedy(lm):

@@ -147,8 +147,11 @@ def _generate(
     use_penalty: bool,
     stop_tokens: tuple[int, ...],
     pad_id: int,
-) -> jax.Array:
-    """The whole generation as one program: prefill, then a ``while_loop`` over new tokens."""
+) -> tuple[jax.Array, jax.Array]:
+    """The whole generation as one program: prefill, then a ``while_loop`` over new tokens.
+
+    Returns (new tokens [B, N], number of tokens decoded before every row stopped).
+    """
     B, P = tokens.shape
     N, V = max_new_tokens, cfg.vocab_size
     stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
@@ -193,7 +196,8 @@ def _generate(
         return t + 1, tok, done | jnp.isin(tok, stop), out, cache, seen
 
     state = (jnp.int32(1), tok, done, out, cache, seen)
-    return jax.lax.while_loop(cond, body, state)[3]
+    steps, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, steps
 
 
 def generate(
@@ -267,7 +271,7 @@ def generate(
     if ((tokens < 0) | (tokens >= cfg.vocab_size)).any():
         raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}) (the vocabulary)")
     f32 = partial(jnp.asarray, dtype=jnp.float32)
-    return _generate(
+    new_tokens, _ = _generate(
         graphdef,
         params,
         jnp.asarray(tokens),
@@ -288,3 +292,4 @@ def generate(
         stop_tokens=tuple(int(s) for s in stop_tokens),
         pad_id=pad_id,
     )
+    return new_tokens
