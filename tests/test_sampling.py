@@ -154,3 +154,10 @@ def test_validate_names_the_problem():
         sampling.validate("sample", temperature=-1.0)
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
         sampling.validate("greedy", repetition_penalty=0.0)
+
+
+def test_greedy_is_numpy_argmax_with_lowest_id_on_ties():
+    x = _logits(5, rows=8)
+    x[0, [3, 7, 20]] = x[0].max() + 1.0  # a three-way tie: the lowest id wins, as np.argmax
+    x[1, :] = 0.0
+    np.testing.assert_array_equal(sampling.greedy(jnp.asarray(x)), np.argmax(x, -1))
