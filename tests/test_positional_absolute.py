@@ -14,6 +14,13 @@ from attnzoo.models.positional import PositionConfig, make_encoding, sinusoidal_
 D = 32
 
 
+def _close(got, want, *, atol, label):
+    """assert_allclose (absolute) printing the max abs error (``pytest -s | grep max_abs_err``)."""
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max()
+    print(f"max_abs_err {label}: {err:.1e}")
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
 def _paper_pe(positions: np.ndarray, d: int) -> np.ndarray:
     """Vaswani et al. 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
     pe = np.zeros((*positions.shape, d))
@@ -41,7 +48,7 @@ def test_sinusoidal_matches_paper_formula():
     )
     x = np.random.default_rng(1).standard_normal((3, 20, D)).astype(np.float32)
     got = _encoding("sinusoidal").embed(jnp.asarray(x), jnp.asarray(pos))
-    np.testing.assert_allclose(got, x + _paper_pe(pos, D), atol=1e-5, rtol=0)
+    _close(got, x + _paper_pe(pos, D), atol=1e-5, label="sinusoidal vs paper")
 
 
 @settings(max_examples=30, deadline=None)

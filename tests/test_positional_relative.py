@@ -35,6 +35,13 @@ def _arange(batch, length, offset=0):
     return jnp.broadcast_to(jnp.arange(offset, offset + length, dtype=jnp.int32), (batch, length))
 
 
+def _close(got, want, *, atol, label):
+    """assert_allclose (absolute) printing the max abs error (``pytest -s | grep max_abs_err``)."""
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max()
+    print(f"max_abs_err {label}: {err:.1e}")
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
 def _encoding(kind, *, n_heads, causal, d_model=32, **options):
     return make_encoding(
         PositionConfig(kind=kind, **options),
@@ -73,14 +80,19 @@ def test_alibi_slopes_match_paper_and_bloom(n_heads):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("n_heads", [6, 8])
+@pytest.mark.parametrize("n_heads", [5, 8, 12])
 def test_alibi_bias_matches_paper_formula(n_heads, causal):
     T = 17
     pos = _arange(2, T)
     got = _encoding("alibi", n_heads=n_heads, causal=causal, d_model=48).attention_bias(pos, pos)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     want = -_paper_slopes(n_heads)[:, None, None] * np.abs(i - j)  # (N, T, T)
-    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=1e-5)
+    _close(
+        got,
+        np.broadcast_to(want, got.shape),
+        atol=1e-5,
+        label=f"alibi N={n_heads} causal={causal} vs paper",
+    )
     if causal:  # the paper's causal form m * (j - i) on the allowed entries
         allowed = j <= i
         np.testing.assert_allclose(
@@ -108,7 +120,7 @@ def test_alibi_matches_bloom_build_alibi_tensor_with_left_padding(n_heads):
     got_p = _softmax64(logits + got, allowed)
     want_p = _softmax64(logits + bloom, allowed)
     rows = allowed.any(-1)
-    np.testing.assert_allclose(got_p[rows], want_p[rows], atol=1e-6)
+    _close(got_p[rows], want_p[rows], atol=1e-6, label=f"alibi N={n_heads} probs vs bloom")
     diff = np.where(allowed, got - bloom, np.nan)
     spread = np.nanmax(diff, -1) - np.nanmin(diff, -1)
     np.testing.assert_allclose(spread[rows], 0.0, atol=1e-5)
@@ -156,7 +168,7 @@ def test_t5_bias_matches_t5attention_compute_bias(causal):
     pos = _arange(2, T)
     got = enc.attention_bias(pos, pos)
     assert got.shape == (2, N, T, T)
-    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=1e-6)
+    _close(got, np.broadcast_to(want, got.shape), atol=1e-6, label=f"t5 causal={causal} vs hf")
 
 
 @settings(max_examples=20, deadline=None)
@@ -203,7 +215,7 @@ def test_shaw_attention_matches_paper_equations(causal):
     mask = masks.causal(pos, pos) if causal else None
     got = dot_product_attention(q, k, v, mask=mask, rel_k=rel_k, rel_v=rel_v)
     want = _shaw_reference(q, k, v, layer.rel_k[...], layer.rel_v[...], kmax, causal)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    _close(got, want, atol=1e-5, label=f"shaw causal={causal} vs paper")
     plain = dot_product_attention(q, k, v, mask=mask)
     assert not np.allclose(plain, want, atol=1e-2)  # the relative terms matter
 
@@ -244,7 +256,7 @@ def test_xpos_matches_paper_and_attention_decays():
     e = np.einsum("bind,bjnd->bnij", rq, rk) / np.sqrt(H)
     want = np.einsum("bnij,bjnd->bind", _softmax64(e, j <= i), v)
     got = dot_product_attention(got_q, got_k, v, mask=masks.causal(pos, pos))
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    _close(got, want, atol=1e-5, label="xpos attention vs paper")
 
 
 @settings(max_examples=20, deadline=None)

@@ -24,6 +24,14 @@ from attnzoo.models.positional.rope import apply_rope, rope_inv_freq
 B, T, N, H = 2, 12, 3, 16
 ORIGINAL = 64  # short pre-extension context so positions below exceed it
 
+
+def _close(got, want, *, atol, label):
+    """assert_allclose (absolute) printing the max abs error (``pytest -s | grep max_abs_err``)."""
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max()
+    print(f"max_abs_err {label}: {err:.1e}")
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
 # (our keyword options, Hugging Face rope_parameters)
 SCALINGS = {
     "default": ({}, {"rope_type": "default"}),
@@ -115,8 +123,8 @@ def test_half_layout_matches_llama_apply_rotary_pos_emb(name):
     kw = dict(base=500.0, original_max_len=ORIGINAL, **ours)
     got_q = apply_rope(jnp.asarray(q), jnp.asarray(pos), **kw)
     got_k = apply_rope(jnp.asarray(k), jnp.asarray(pos), **kw)
-    np.testing.assert_allclose(got_q, want_q.numpy(), atol=1e-5)
-    np.testing.assert_allclose(got_k, want_k.numpy(), atol=1e-5)
+    _close(got_q, want_q.numpy(), atol=1e-5, label=f"rope {name} vs llama q")
+    _close(got_k, want_k.numpy(), atol=1e-5, label=f"rope {name} vs llama k")
     assert not np.allclose(got_q, q, atol=1e-2)  # something was rotated
 
 
@@ -132,7 +140,7 @@ def test_interleaved_layout_matches_gptj(rotary_dim):
     got = apply_rope(
         jnp.asarray(x), jnp.asarray(pos), layout="interleaved", fraction=rotary_dim / H
     )
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    _close(got, want, atol=1e-5, label=f"rope interleaved R={rotary_dim} vs gptj")
 
 
 def test_partial_rotary_matches_gpt_neox():
@@ -146,7 +154,7 @@ def test_partial_rotary_matches_gpt_neox():
         torch.from_numpy(q), torch.from_numpy(k), cos, sin, unsqueeze_dim=2
     )
     got = apply_rope(jnp.asarray(q), jnp.asarray(pos), fraction=0.25)
-    np.testing.assert_allclose(got, want_q.numpy(), atol=1e-5)
+    _close(got, want_q.numpy(), atol=1e-5, label="rope partial 0.25 vs gpt-neox")
     np.testing.assert_array_equal(got[..., 4:], q[..., 4:])  # the unrotated 3/4 pass through
 
 
