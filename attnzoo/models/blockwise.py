@@ -206,6 +206,29 @@ def _block_logits(st: _Static, qi, kj, bias4, ints, mask4, i, j):
     return s, keep
 
 
+def _block_is_empty(st: _Static, ints, i, j) -> jax.Array | None:
+    """Scalar bool: causal / sliding-window structure masks *every* pair of block (i, j).
+
+    Such blocks are skipped (about half of them under a causal mask). ``None`` when the options
+    cannot rule out a block. Conservative: padded positions only ever prevent a skip.
+    """
+    if not st.causal and st.window is None:
+        return None
+    qpos = _rows(ints[0], i * st.q_block, st.q_block, 1)  # (B, tq)
+    kpos = _rows(ints[1], j * st.k_block, st.k_block, 1)  # (B, tk)
+    empty = qpos.max(1) < kpos.min(1)  # every key after every query; (B,)
+    if st.window is not None:
+        empty |= qpos.min(1) - kpos.max(1) >= st.window  # every key out of the window
+    return empty.all()
+
+
+def _skip_or(empty, compute, skipped, carry):
+    """``compute(carry)`` unless the block is known to be fully masked."""
+    if empty is None:
+        return compute(carry)
+    return jax.lax.cond(empty, lambda c: (c, skipped), compute, carry)
+
+
 def _split_heads(q: jax.Array, K: int) -> jax.Array:
     B, T, N, H = q.shape
     return q.reshape(B, T, K, N // K, H)  # (B, T, K, G, H): query heads grouped by kv head
@@ -228,22 +251,26 @@ def _forward(st: _Static, q, k, v, bias4, ints, mask4):
     K, tq, tk = st.n_kv, st.q_block, st.k_block
     G, nk = N // K, k.shape[1] // tk
     qg = _split_heads(q, K)
+    v_mean = v[:, : st.k_len].astype(jnp.float32).mean(1)  # (B, K, H)
 
     def q_step(i):
         qi = _rows(qg, i * tq, tq, 1)
 
         def k_step(carry, j):
-            m, l, acc = carry
-            kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
-            s, _ = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)  # rescales the earlier blocks to the new max
-            l = l * corr + p.sum(-1)
-            pv = jnp.einsum(
-                "bkgqs,bskh->bkgqh", p.astype(v.dtype), vj, preferred_element_type=jnp.float32
-            )
-            return (m_new, l, acc * corr[..., None] + pv), None
+            def compute(carry):
+                m, l, acc = carry
+                kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
+                s, _ = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.exp(s - m_new[..., None])
+                corr = jnp.exp(m - m_new)  # rescales the earlier blocks to the new max
+                l = l * corr + p.sum(-1)
+                pv = jnp.einsum(
+                    "bkgqs,bskh->bkgqh", p.astype(v.dtype), vj, preferred_element_type=jnp.float32
+                )
+                return (m_new, l, acc * corr[..., None] + pv), None
+
+            return _skip_or(_block_is_empty(st, ints, i, j), compute, None, carry)
 
         init = (
             jnp.full((B, K, G, tq), -jnp.inf, jnp.float32),
@@ -251,9 +278,14 @@ def _forward(st: _Static, q, k, v, bias4, ints, mask4):
             jnp.zeros((B, K, G, tq, H), jnp.float32),
         )
         (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(nk))
-        out = (acc / l[..., None]).astype(q.dtype)  # (B, K, G, tq, H)
+        # A row that saw no allowed key (its max is still masked or -inf after skipped blocks)
+        # is, as on the einsum path, the uniform average of all real values.
+        empty = m <= MASKED_LOGIT
+        out = jnp.where(empty[..., None], v_mean[:, :, None, None], acc / l[..., None])
         # m and 1/l, not lse = m + log l: in a fully masked row m = MASKED_LOGIT swallows log l.
-        return out, jnp.stack([m, 1.0 / l])
+        # Empty rows store 1/l = 0, so the backward's block loop gives them no weight.
+        stats = jnp.stack([jnp.where(empty, 0.0, m), jnp.where(empty, 0.0, 1.0 / l)])
+        return out.astype(q.dtype), stats  # (B, K, G, tq, H), (2, B, K, G, tq)
 
     # (nq, B, K, G, tq, H), (nq, 2, B, K, G, tq)
     outs, stats = jax.lax.map(q_step, jnp.arange(Tp // tq))
@@ -276,11 +308,19 @@ def _flash_bwd(st, res, dout):
     # D_i = rowsum(dO * O) = sum_j P_ij dP_ij, the softmax-backward correction term.
     delta = jnp.einsum("btkgh,btkgh->bkgt", dog, _split_heads(out.astype(jnp.float32), K))
 
+    # Zero bias cotangent of a skipped block, in the reduced shape of _ungroup_reduce.
+    no_dbias = None
+    if bias4 is not None:
+        full = (B, N, tq, tk)
+        no_dbias = jnp.zeros(
+            tuple(1 if b == 1 else f for b, f in zip(bias4.shape, full, strict=True))
+        )
+
     def k_step(dq, j):
         kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
 
-        def q_step(carry, i):
-            dq, dk, dv = carry
+        def compute(carry_i):
+            (dq, dk, dv), i = carry_i
             qi, doi = _rows(qg, i * tq, tq, 1), _rows(dog, i * tq, tq, 1)
             s, keep = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
             m, inv_l = _rows(row_max, i * tq, tq, 3), _rows(inv_sum, i * tq, tq, 3)
@@ -295,7 +335,12 @@ def _flash_bwd(st, res, dout):
             )
             dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, qi.astype(jnp.float32)) * st.scale
             dbias = None if bias4 is None else _ungroup_reduce(ds, bias4.shape)
-            return (dq, dk, dv), dbias
+            return ((dq, dk, dv), i), dbias
+
+        def q_step(carry, i):
+            empty = _block_is_empty(st, ints, i, j)
+            (carry, _), dbias = _skip_or(empty, compute, no_dbias, (carry, i))
+            return carry, dbias
 
         zeros_kv = jnp.zeros((B, tk, K, H), jnp.float32)
         (dq, dk, dv), dbias = jax.lax.scan(q_step, (dq, zeros_kv, zeros_kv), jnp.arange(nq))
@@ -305,7 +350,11 @@ def _flash_bwd(st, res, dout):
     dq, (dks, dvs, dbias) = jax.lax.scan(k_step, dq0, jnp.arange(nk))
     # (nk, B, tk, K, H) -> (B, Sp, K, H)
     dk = jnp.transpose(dks, (1, 0, 2, 3, 4)).reshape(k.shape).astype(k.dtype)
-    dv = jnp.transpose(dvs, (1, 0, 2, 3, 4)).reshape(v.shape).astype(v.dtype)
+    dv = jnp.transpose(dvs, (1, 0, 2, 3, 4)).reshape(v.shape)
+    # Rows with no allowed key output mean(v): each real key gets 1/S of their dout.
+    empty = inv_sum == 0.0  # (B, K, G, Tp)
+    dv_empty = jnp.einsum("bkgt,btkgh->bkh", empty.astype(jnp.float32), dog) / st.k_len
+    dv = dv.at[:, : st.k_len].add(dv_empty[:, None]).astype(v.dtype)
     dq = dq.reshape(q.shape).astype(q.dtype)
     if dbias is not None:
         dbias = _assemble_bias_grad(dbias, bias4.shape).astype(bias4.dtype)
