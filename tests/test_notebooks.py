@@ -124,3 +124,12 @@ def test_every_notebook_has_a_source_and_vice_versa():
     sources = {p.stem for p in (NOTEBOOKS / "src").glob("*.py")}
     notebooks = {p.stem for p in NOTEBOOKS.glob("*.ipynb")}
     assert sources == notebooks == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_reads_no_files_of_its_own(name):
+    """On Colab only the notebook and the installed package exist: no helper modules or paths."""
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for forbidden in ("sys.path", "open(", ".read_text(", "../", "notebooks/", "import build_"):
+        assert forbidden not in code, f"{name} uses {forbidden!r}"
