@@ -88,6 +88,31 @@ def test_blockwise_equals_einsum_values_and_grads(problem):
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
+def test_skipped_blocks_and_fully_masked_rows_match_einsum():
+    """Causal blocks wholly in the future are skipped; rows with no visible key still average v.
+
+    Row 1 of the batch has queries at positions 0..15 but keys at 100..115 (a cache that does
+    not contain them), so every one of its blocks is skipped and every row is fully masked.
+    """
+    keys = jax.random.split(jax.random.key(7), 4)
+    q, dout = (jax.random.normal(key, (2, 16, 2, 8)) for key in keys[:2])
+    k, v = (jax.random.normal(key, (2, 16, 1, 8)) for key in keys[2:])
+    q_pos = jnp.stack([jnp.arange(16), jnp.arange(16)])
+    k_pos = jnp.stack([jnp.arange(16), jnp.arange(16) + 100])
+    kw = dict(causal=True, sliding_window=6, q_positions=q_pos, k_positions=k_pos, block_size=4)
+
+    def run(impl):
+        f = lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **kw)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(dout)
+
+    (want, want_grads), (got, got_grads) = run("einsum"), run("blockwise")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got[1], jnp.broadcast_to(v[1].mean(0), (16, 2, 8)), atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
 def test_bfloat16_and_vmap():
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 20, 2, 8), jnp.bfloat16) for key in keys)
