@@ -15,8 +15,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from attnzoo.models.positional.base import Encoding, register
+from attnzoo.models.positional.base import Encoding, PositionConfig, register
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -42,15 +43,25 @@ def alibi_bias(q_positions: jax.Array, k_positions: jax.Array, slopes: jax.Array
 
 
 class Alibi(Encoding):
-    def __init__(self, config, *, d_model, n_heads, head_dim, causal, rngs):
+    """No parameters: the slopes are fixed by the head count."""
+
+    def __init__(
+        self,
+        config: PositionConfig,
+        *,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        causal: bool,
+        rngs: nnx.Rngs,
+    ):
         super().__init__(
             config, d_model=d_model, n_heads=n_heads, head_dim=head_dim, causal=causal, rngs=rngs
         )
-        self.n_heads = n_heads
+        self.slopes = tuple(alibi_slopes(n_heads))  # static Python floats, not a param
 
     def attention_bias(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        slopes = jnp.asarray(alibi_slopes(self.n_heads), jnp.float32)
-        return alibi_bias(q_positions, k_positions, slopes)
+        return alibi_bias(q_positions, k_positions, jnp.asarray(self.slopes, jnp.float32))
 
 
 register("alibi", Alibi)

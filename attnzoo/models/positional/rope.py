@@ -18,6 +18,11 @@ Scalings change ``theta_i`` (and, for YaRN, the cos/sin amplitude) to stretch a 
   ``0.1 ln(factor) + 1`` on cos/sin (Peng et al. 2023).
 * ``llama3``: Llama 3.1's band-wise interpolation (low frequencies / factor, high kept,
   smooth blend between).
+
+``dynamic`` reads the length from the positions of each call (``max(positions) + 1``, as Hugging
+Face does), so with a KV cache the keys written earlier keep the frequencies of their own step:
+incremental decoding past ``rope_original_max_len`` differs from a full forward pass. Every
+other scaling is static and caches exactly.
 """
 
 from __future__ import annotations
