@@ -20,17 +20,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models import masks
-from attnzoo.models.blocks import (
-    Block,
-    make_stack,
-    relayout_layers,
-    run_stack,
-    take_layers,
-    validate_config,
-)
+from attnzoo.models.blocks import Block, validate_config
 from attnzoo.models.layers import Dense, Embed, Norm, normal
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
+from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_layers
 
 
 @dataclasses.dataclass(frozen=True)
