@@ -8,6 +8,10 @@ Pure functional API::
 
 ``params`` is an ``nnx.State`` pytree: it jits, grads, vmaps and shards like any pytree, and each
 leaf carries logical axis names (``nnx.get_partition_spec(params)``).
+
+``scan_layers=True`` stores the blocks' params with a leading ``"layers"`` axis and runs them with
+``jax.lax.scan`` (compile time independent of depth); ``relayout`` converts weights between the
+two layouts. ``remat=True`` wraps each block in ``jax.checkpoint`` with ``remat_policy``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_la
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Decoder-only LM hyperparameters. Presets are classmethods; vary with ``replace``."""
+    """Decoder-only LM hyperparameters. Presets are classmethods; vary with ``replace``.
+
+    Invalid combinations (d_model not divisible by n_heads, unknown activation or positional
+    kind, ...) raise ``ValueError`` at construction, naming the field and the fix.
+    """
 
     vocab_size: int = 32000
     d_model: int = 512
