@@ -191,3 +191,21 @@ def test_encoder_decoder_bidirectional_encoder_and_cached_decoder(seq2seq, token
         logits, cache = step(cache, tgt[:, t : t + 1], pos[:, t : t + 1])
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_packed_segments_equal_separate_sequences(models, tokens, name):
+    """Two documents packed in one row (positions restart per segment) = each run alone."""
+    _, g, p = models[name]
+    a, b = tokens[0, :5], tokens[1, :7]
+    packed = jnp.concatenate([a, b])
+    alone_a = jnp.concatenate([a, jnp.zeros(7, a.dtype)])  # padding is segment 0
+    alone_b = jnp.concatenate([b, jnp.zeros(5, b.dtype)])
+    packed_seg = jnp.array([1] * 5 + [2] * 7)
+    seg_a, seg_b = jnp.array([1] * 5 + [0] * 7), jnp.array([1] * 7 + [0] * 5)
+    # one compiled shape for all calls: [packed row, lone row]
+    run = jax.jit(lambda x, s: decoder_lm.apply(g, p, x, segment_ids=s))
+    out_a = run(jnp.stack([packed, alone_a]), jnp.stack([packed_seg, seg_a]))
+    out_b = run(jnp.stack([packed, alone_b]), jnp.stack([packed_seg, seg_b]))
+    np.testing.assert_allclose(out_a[0, :5], out_a[1, :5], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out_b[0, 5:], out_b[1, :7], atol=1e-5, rtol=0)
