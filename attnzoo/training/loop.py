@@ -201,37 +201,55 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {"start_step": start, "status": "completed"}
     eval_metrics: dict[str, float] | None = None
-    t_last, tokens_since = time.perf_counter(), 0.0
-    t_start = t_last
+    t_start = t_last = time.perf_counter()
+    tokens_since = 0.0
+
+    def report(step: int, metrics: dict[str, jax.Array]) -> None:
+        """Host side of one step: the NaN check, the progress bar and the logs."""
+        nonlocal t_last, tokens_since
+        m = _to_host(metrics)
+        if not m.pop("finite"):
+            good = ckpt.steps()
+            raise TrainingError(
+                f"non-finite loss or gradients at step {step} (loss {m['loss']}, grad norm "
+                f"{m['grad_norm']}); the update was not applied and the last good checkpoint "
+                f"(step {good[-1] if good else 'none'}) is kept. Lower config.learning_rate, "
+                "set config.clip_norm, or use more warmup_steps"
+            )
+        tokens_since += m["tokens"]
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            now = time.perf_counter()
+            m["learning_rate"] = float(exp.schedule(step - 1))
+            m["tokens_per_s"] = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0.0
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                lr=f"{m['learning_rate']:.2e}",
+                tok_s=f"{m['tokens_per_s']:.0f}",
+            )
+            logger.write(step, {f"train_{k}": v for k, v in m.items()})
+            summary["train_loss"] = m["loss"]
+
+    pending = None  # (step, metrics) not yet read back from the device
     try:
         step = start
         while step < config.steps:
             batch = sharding.put_batch(next(train_iter), exp.batch_sharding)
             state, metrics = exp.train_step(state, batch, steps.step_rng(state))
-            m = _to_host(metrics)
-            if not m.pop("finite"):
-                raise TrainingError(
-                    f"non-finite loss or gradients at step {step + 1} (loss {m['loss']}, "
-                    f"grad norm {m['grad_norm']}); the update was not applied and the last good "
-                    f"checkpoint (step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) is kept. "
-                    "Lower config.learning_rate, set config.clip_norm, or use more warmup_steps"
-                )
             step += 1
-            tokens_since += m["tokens"]
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                now = time.perf_counter()
-                m["learning_rate"] = float(exp.schedule(step - 1))
-                m["tokens_per_s"] = tokens_since / (now - t_last)
-                t_last, tokens_since = now, 0.0
-                bar.set_postfix(
-                    loss=f"{m['loss']:.3f}",
-                    lr=f"{m['learning_rate']:.2e}",
-                    tok_s=f"{m['tokens_per_s']:.0f}",
-                )
-                logger.write(step, {f"train_{k}": v for k, v in m.items()})
-                summary["train_loss"] = m["loss"]
-            if step % config.eval_every == 0 or step == config.steps:
+            # Read the previous step's metrics while this one runs: in steady state the host
+            # never waits for the device.
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics)
+            eval_due = step % config.eval_every == 0 or step == config.steps
+            preempted = preemption.reached(step)
+            save_due = step % config.checkpoint_every == 0 or step == config.steps or preempted
+            if eval_due or save_due:
+                report(*pending)  # never evaluate or save a state that failed the NaN check
+                pending = None
+            if eval_due:
                 eval_metrics = evaluate(
                     config,
                     state.params,
@@ -254,20 +272,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
                     bar.write(f"step {step}: {shown}")
                 summary.update(eval_metrics)
-            preempted = preemption.reached(step)
-            if step % config.checkpoint_every == 0 or step == config.steps or preempted:
+            if save_due:
                 ckpt.save(
                     state,
                     data_state=train_iter.get_state(),
                     config=config,
-                    metrics=eval_metrics
-                    if step % config.eval_every == 0 or step == config.steps
-                    else None,
+                    metrics=eval_metrics if eval_due else None,
                     force=True,
                 )
             if preempted:
                 summary["status"] = "preempted"
                 break
+        if pending is not None:
+            report(*pending)
         summary.update(step=step, seconds=time.perf_counter() - t_start)
     finally:
         bar.close()
