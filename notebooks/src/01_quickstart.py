@@ -31,6 +31,7 @@ if IN_COLAB:
 # %%
 import os
 import pathlib
+import tempfile
 
 import jax
 import matplotlib.pyplot as plt
@@ -39,7 +40,7 @@ from attnzoo.configs import lm_tiny
 from IPython import display
 
 from attnzoo import decoding
-from attnzoo.training import experiment, input_pipeline, loop, sharding, steps
+from attnzoo.training import checkpoint, experiment, input_pipeline, loop, sharding, steps
 from attnzoo.training.mesh import make_mesh
 
 # CI sets this to run every cell quickly on CPU; the code path is the same either way.
@@ -164,3 +165,23 @@ new_tokens = decoding.generate(
 for prompt, row in zip(prompts, np.asarray(new_tokens), strict=True):
     print(tokenizer.decode(prompt) + tokenizer.decode(row))
     print("-" * 40)
+
+# %% [markdown]
+# ## Save a checkpoint, restore it for inference
+#
+# `attnzoo-train` saves orbax checkpoints (params, optimizer state, data-pipeline position and
+# the experiment config) under `workdir/checkpoints`; `attnzoo-generate --workdir` restores
+# them with `checkpoint.load_for_inference`, which rebuilds the model config and tokenizer from
+# the saved experiment config and puts the params on one device, whatever mesh trained them.
+
+# %%
+workdir = tempfile.mkdtemp(prefix="attnzoo_quickstart_")
+ckpt = checkpoint.Checkpoints(workdir)
+ckpt.save(state, data_state=batches.get_state(), config=config, force=True)
+ckpt.wait()
+ckpt.close()
+
+restored = checkpoint.load_for_inference(workdir)
+print(f"restored step {restored.step} of a {restored.task!r} model, {restored.tokenizer}")
+jax.tree.map(np.testing.assert_array_equal, restored.params, jax.device_get(state.params))
+print("restored params == trained params")
