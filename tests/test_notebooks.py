@@ -133,3 +133,10 @@ def test_notebook_reads_no_files_of_its_own(name):
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     for forbidden in ("sys.path", "open(", ".read_text(", "../", "notebooks/", "import build_"):
         assert forbidden not in code, f"{name} uses {forbidden!r}"
+
+
+def test_main_figures_are_committed():
+    """notebooks/figures holds every notebook's main plots (python notebooks/make_figures.py)."""
+    committed = {p.stem for p in (NOTEBOOKS / "figures").glob("*.png")}
+    expected = {f for figures in FIGURES.values() for f in figures}
+    assert expected <= committed, f"missing: {sorted(expected - committed)}"
