@@ -85,8 +85,8 @@ def test_scale_and_shaw_relative_terms():
 def test_default_implementation_on_cpu_is_einsum_then_blockwise():
     assert jax.default_backend() == "cpu"
     assert attention.default_implementation() == "einsum"
-    assert attention.default_implementation(1024) == "einsum"
-    assert attention.default_implementation(4096) == "blockwise"
+    assert attention.default_implementation(512) == "einsum"
+    assert attention.default_implementation(1024) == "blockwise"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -24,14 +24,17 @@ from attnzoo.models.blockwise import MASKED_LOGIT, blockwise_attention
 
 IMPLEMENTATIONS = ("einsum", "jax", "blockwise")
 
-# Measured on the 2-core dev CPU (`python -m benchmarks.attention`, forward + backward, float32,
-# best of 12): at B=8 T=256 N=4 H=64 einsum 12.5 ms vs jax.nn.dot_product_attention 21.5 ms
-# (its XLA path vmaps over head groups); at T=1024 they tie (75 vs 74 ms); from T=2048 the
-# blockwise path is 2.6x faster (370 vs 1000 ms) because the [T, T] buffers fall out of cache.
+# Measured on the shared 2-core dev CPU (forward + backward, float32, causal, N=4 H=64, best of
+# 10-30 interleaved runs; `python -m benchmarks.attention` prints the same comparison):
+#   B=8 T=256:  einsum 14.9 ms, naive einsum-softmax 15.6, jax.nn.dot_product_attention 19.9
+#               (its XLA path vmaps over head groups), blockwise 27.0
+#   B=1 T=512:  einsum 11.9 ms, naive 11.8, jax 12.1, blockwise 13.6
+#   B=1 T=1024: blockwise 60 ms (skips the causal upper triangle, stays in cache), naive 102,
+#               einsum 112, jax 120; at T=4096 blockwise 0.70 s vs einsum 3.6 s.
 # On GPU jax.nn.dot_product_attention can use cuDNN flash attention.
 _DEFAULT_BY_BACKEND = {"cpu": "einsum", "gpu": "jax", "cuda": "jax", "rocm": "jax", "tpu": "einsum"}
-# Key lengths from which the default switches to "blockwise" (None: never).
-_BLOCKWISE_FROM = {"cpu": 2048}
+# Key lengths from which the default switches to "blockwise" (backends not listed: never).
+_BLOCKWISE_FROM = {"cpu": 1024}
 
 
 def default_implementation(k_len: int | None = None) -> str:
