@@ -90,8 +90,8 @@ def test_matches_torch_sdpa(n_kv, kind, extras):
 @given(st.sampled_from([(4, 2), (4, 1), (2, 1), (6, 3)]), st.integers(0, 99))
 def test_gqa_equals_mha_with_repeated_kv_weights(heads, seed):
     N, K = heads
-    gqa = make(N, K, seed=seed, causal=True)
-    mha = make(N, N, seed=seed + 1, causal=True)
+    gqa = make(N, K, seed=seed, causal=True, head_dim=8)
+    mha = make(N, N, seed=seed + 1, causal=True, head_dim=8)
     # Each query head n of the GQA layer reads kv head n // (N // K): repeat kv weights to match.
     mha.q.kernel[...] = gqa.q.kernel[...]
     mha.o.kernel[...] = gqa.o.kernel[...]
