@@ -46,9 +46,12 @@ def execute(
     figures: pathlib.Path | None,
     quick: bool,
     cell_timeout_s: int = 600,
+    extra_env: dict[str, str] | None = None,
 ) -> nbformat.NotebookNode:
     """Runs every cell of ``path`` in a fresh kernel; raises ``CellExecutionError`` on any error.
 
+    The kernel gets this process's environment plus ``MPLBACKEND=Agg``, the notebook switches
+    (``ATTNZOO_NOTEBOOK_QUICK``, ``ATTNZOO_NOTEBOOK_FIGURES``) and ``extra_env``.
     Returns the executed notebook (with outputs).
     """
     import nbclient
@@ -64,6 +67,7 @@ def execute(
         env["ATTNZOO_NOTEBOOK_QUICK"] = "1"
     if figures is not None:
         env["ATTNZOO_NOTEBOOK_FIGURES"] = str(figures)
+    env.update(extra_env or {})
     km = KernelManager(
         kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs])
     )
