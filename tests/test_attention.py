@@ -67,9 +67,18 @@ def test_structured_masks_equal_dense_masks(impl):
         masks.causal(pos, pos), masks.sliding_window(pos, pos, 3), masks.segment(seg, seg)
     )
     got = dot_product_attention(
-        q, k, v, causal=True, sliding_window=3, q_positions=pos, k_positions=pos,
-        q_segment_ids=seg, k_segment_ids=seg, implementation=impl, block_size=4,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        causal=True,
+        sliding_window=3,
+        q_positions=pos,
+        k_positions=pos,
+        q_segment_ids=seg,
+        k_segment_ids=seg,
+        implementation=impl,
+        block_size=4,
+    )
     np.testing.assert_allclose(got, reference(q, k, v, mask=dense), atol=1e-5)
 
 

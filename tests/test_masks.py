@@ -82,9 +82,13 @@ def test_padded_keys_get_zero_weight(T, data, impl, seed):
     v = jnp.eye(T)[None, :, None, :]  # (1, T, 1, T) as [B, S, K, H]
     k = k[..., :1].repeat(T, -1)
     weights = dot_product_attention(
-        q[..., :1].repeat(T, -1), k, v, mask=masks.padding(None, valid), implementation=impl,
+        q[..., :1].repeat(T, -1),
+        k,
+        v,
+        mask=masks.padding(None, valid),
+        implementation=impl,
         block_size=4,
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(weights[..., n_valid:], 0.0)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
 
@@ -97,17 +101,29 @@ def test_packed_segments_never_see_each_other(seg_list, impl):
     q, k, v = _qkv(T, T)
     noise = _qkv(T + 1, T)
     out = dot_product_attention(
-        q, k, v, q_segment_ids=seg, k_segment_ids=seg, causal=True, implementation=impl,
+        q,
+        k,
+        v,
+        q_segment_ids=seg,
+        k_segment_ids=seg,
+        causal=True,
+        implementation=impl,
         block_size=4,
-    )  # fmt: skip
+    )
     for s in np.unique(seg):
         other = (seg != s)[0]
         k2 = jnp.where(other[None, :, None, None], noise[1], k)
         v2 = jnp.where(other[None, :, None, None], noise[2], v)
         out2 = dot_product_attention(
-            q, k2, v2, q_segment_ids=seg, k_segment_ids=seg, causal=True, implementation=impl,
+            q,
+            k2,
+            v2,
+            q_segment_ids=seg,
+            k_segment_ids=seg,
+            causal=True,
+            implementation=impl,
             block_size=4,
-        )  # fmt: skip
+        )
         mine = np.asarray(~other)
         np.testing.assert_allclose(out[:, mine], out2[:, mine], atol=1e-6)
         # ... and each segment equals attention over that segment alone.

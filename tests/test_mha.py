@@ -51,9 +51,13 @@ def torch_mha(mha, x, kv, mask, *, eps=1e-6):
     if mha.q_norm is not None:
         q, k = rms(mha.q_norm, q), rms(mha.k_norm, k)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if mask is None else torch.from_numpy(np.array(mask)),
-        enable_gqa=K != N, scale=mha.scale,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        attn_mask=None if mask is None else torch.from_numpy(np.array(mask)),
+        enable_gqa=K != N,
+        scale=mha.scale,
+    )
     out = torch.einsum("bnlh,nhd->bld", out, t(mha.o.kernel[...]))
     if mha.o.bias is not None:
         out = out + t(mha.o.bias[...])
@@ -125,8 +129,9 @@ def test_kv_cache_decoding_with_per_example_write_index():
     prompt_pos = positions(B, 5)  # row 0's slots 3, 4 get junk that decoding overwrites
     index = jnp.zeros((B,), jnp.int32)
     slot_pos = write_positions(slot_pos, prompt_pos, index)
-    out, cache = mha(x[:, :5], q_positions=prompt_pos, k_positions=slot_pos, cache=cache,
-                     cache_index=index)  # fmt: skip
+    out, cache = mha(
+        x[:, :5], q_positions=prompt_pos, k_positions=slot_pos, cache=cache, cache_index=index
+    )
     np.testing.assert_allclose(out[0, :3], full[0, :3], atol=1e-5)
     np.testing.assert_allclose(out[1], full[1, :5], atol=1e-5)
 
@@ -135,8 +140,7 @@ def test_kv_cache_decoding_with_per_example_write_index():
         pos = index[:, None]  # (B, 1): each row at its own position
         x_t = jnp.take_along_axis(x, pos[..., None], axis=1)  # (B, 1, D)
         slot_pos = write_positions(slot_pos, pos, index)
-        out, cache = mha(x_t, q_positions=pos, k_positions=slot_pos, cache=cache,
-                         cache_index=index)  # fmt: skip
+        out, cache = mha(x_t, q_positions=pos, k_positions=slot_pos, cache=cache, cache_index=index)
         want = jnp.take_along_axis(full, pos[..., None], axis=1)
         np.testing.assert_allclose(out, want, atol=1e-5)
         index = index + 1

@@ -133,26 +133,60 @@ def dot_product_attention(
     needs_einsum = rel_k is not None or rel_v is not None or dropout_rate > 0.0
     if impl == "blockwise" and not needs_einsum:
         return blockwise_attention(
-            q, k, v, mask=mask, bias=bias, scale=scale, causal=causal,
-            sliding_window=sliding_window, q_positions=q_positions, k_positions=k_positions,
-            q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, q_block=block_size,
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            scale=scale,
+            causal=causal,
+            sliding_window=sliding_window,
+            q_positions=q_positions,
+            k_positions=k_positions,
+            q_segment_ids=q_segment_ids,
+            k_segment_ids=k_segment_ids,
+            q_block=block_size,
             k_block=block_size,
-        )  # fmt: skip
+        )
     mask = _dense_mask(
-        mask, q.shape[:2], k.shape[:2], causal=causal, sliding_window=sliding_window,
-        q_positions=q_positions, k_positions=k_positions, q_segment_ids=q_segment_ids,
+        mask,
+        q.shape[:2],
+        k.shape[:2],
+        causal=causal,
+        sliding_window=sliding_window,
+        q_positions=q_positions,
+        k_positions=k_positions,
+        q_segment_ids=q_segment_ids,
         k_segment_ids=k_segment_ids,
-    )  # fmt: skip
+    )
     if impl == "jax" and not needs_einsum:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     return _einsum_attention(
-        q, k, v, mask=mask, bias=bias, scale=scale, rel_k=rel_k, rel_v=rel_v,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        scale=scale,
+        rel_k=rel_k,
+        rel_v=rel_v,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+    )
 
 
-def _dense_mask(mask, q_shape, k_shape, *, causal, sliding_window, q_positions, k_positions,
-                q_segment_ids, k_segment_ids):  # fmt: skip
+def _dense_mask(
+    mask,
+    q_shape,
+    k_shape,
+    *,
+    causal,
+    sliding_window,
+    q_positions,
+    k_positions,
+    q_segment_ids,
+    k_segment_ids,
+):
     """The structured options as one [B, 1, T, S] bool mask, and-ed with ``mask``."""
     if causal or sliding_window is not None:
         if q_positions is None:
@@ -181,9 +215,11 @@ def _einsum_attention(q, k, v, *, mask, bias, scale, rel_k, rel_v, dropout_rate,
     logits = jnp.einsum(f"{spec_q},bskh->{spec_w}", q, k, preferred_element_type=jnp.float32)
     if rel_k is not None:  # Shaw: q_i . a^K_ij
         logits += jnp.einsum(
-            f"{spec_q},btsh->{spec_w}", q, rel_k.astype(q.dtype),
+            f"{spec_q},btsh->{spec_w}",
+            q,
+            rel_k.astype(q.dtype),
             preferred_element_type=jnp.float32,
-        )  # fmt: skip
+        )
     logits = logits * scale
     if bias is not None:
         logits += _group(bias, K, G, grouped).astype(jnp.float32)
