@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_workdir
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install dev demo test lint format bench clean
+.PHONY: install dev demo test lint format bench figures clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,8 @@ dev: $(VENV)/.dev-installed
 
 demo: install
 	$(VENV)/bin/attnzoo-train --config configs/lm_tiny.py --workdir $(DEMO_DIR)/lm
-	$(VENV)/bin/attnzoo-generate --workdir $(DEMO_DIR)/lm --prompt "ROMEO:" --max_new_tokens 200
+	$(VENV)/bin/attnzoo-generate --workdir $(DEMO_DIR)/lm --prompt "ROMEO:" --max_new_tokens 200 \
+		--sampler top_k --top_k 10 --temperature 0.8
 	$(VENV)/bin/attnzoo-train --config configs/mt_tiny.py --workdir $(DEMO_DIR)/mt
 	$(VENV)/bin/attnzoo-eval --workdir $(DEMO_DIR)/mt --split validation --limit 40 --show 5
 
@@ -48,6 +49,9 @@ test: lint
 
 bench: dev
 	$(PY) -m benchmarks.run --markdown benchmarks/RESULTS.md
+
+figures: dev
+	$(PY) notebooks/make_figures.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -12,9 +12,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from attnzoo.configs import defaults, lm_tiny
 from jax.sharding import PartitionSpec as P
 
+from attnzoo.configs import defaults, lm_tiny
 from attnzoo.training import checkpoint, experiment, loop
 
 TINY = [

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from attnzoo.configs import lm_tiny
 
+from attnzoo.configs import lm_tiny
 from attnzoo.training import loop
 
 TRAIN = str(pathlib.Path(sys.executable).parent / "attnzoo-train")

@@ -15,8 +15,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from attnzoo.configs import lm_tiny
 
+from attnzoo.configs import lm_tiny
 from attnzoo.training import checkpoint, experiment, input_pipeline, sharding, steps
 
 STEPS = 6

@@ -4,10 +4,10 @@ params; and the params and optimizer state are really laid out as the rules tabl
 import jax
 import numpy as np
 import pytest
-from attnzoo.configs import defaults
-from attnzoo.configs import sharding as rules
 from jax.sharding import PartitionSpec as P
 
+from attnzoo.configs import defaults
+from attnzoo.configs import sharding as rules
 from attnzoo.training import experiment, mesh, sharding
 
 VOCAB = 64

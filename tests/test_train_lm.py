@@ -7,8 +7,8 @@ from collections import Counter
 import jax
 import numpy as np
 import pytest
-from attnzoo.configs import lm_tiny
 
+from attnzoo.configs import lm_tiny
 from attnzoo.training import checkpoint, input_pipeline, loop, tasks
 
 
@@ -82,7 +82,6 @@ def test_load_for_inference_restores_the_trained_params(trained):
     assert restored.model_cfg == tasks.model_config(config, restored.tokenizer.vocab_size)
     # The restored model reproduces the logged eval loss on the same batches.
     from attnzoo.configs import sharding as rules
-
     from attnzoo.training import sharding, steps
 
     mesh = jax.make_mesh(

@@ -5,8 +5,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from attnzoo.configs import mt_tiny
 
+from attnzoo.configs import mt_tiny
 from attnzoo.models import encoder_decoder
 from attnzoo.training import checkpoint, input_pipeline, loop, tasks
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from attnzoo.configs import defaults
 
+from attnzoo.configs import defaults
 from attnzoo.models import decoder_lm
 from attnzoo.training import losses, optim, steps
 

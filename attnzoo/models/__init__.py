@@ -4,18 +4,33 @@ Every model exposes pure ``init(config, rng) -> (graphdef, params)`` and ``apply
 params, ...)`` functions over plain pytrees.
 """
 
-from attnzoo.models import attention, decoder_lm, masks, positional
+from attnzoo.models import (
+    attention,
+    blockwise,
+    convert,
+    decoder_lm,
+    encoder_decoder,
+    masks,
+    positional,
+)
 from attnzoo.models.attention import dot_product_attention
+from attnzoo.models.blockwise import blockwise_attention
 from attnzoo.models.mha import KVCache, MultiHeadAttention
-from attnzoo.models.positional import PositionConfig
+from attnzoo.models.positional import PositionConfig, apply_rope, rope_inv_freq
 
 __all__ = [
     "KVCache",
     "MultiHeadAttention",
     "PositionConfig",
+    "apply_rope",
     "attention",
+    "blockwise",
+    "blockwise_attention",
+    "convert",
     "decoder_lm",
     "dot_product_attention",
+    "encoder_decoder",
     "masks",
     "positional",
+    "rope_inv_freq",
 ]

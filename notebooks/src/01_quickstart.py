@@ -36,10 +36,10 @@ import tempfile
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
-from attnzoo.configs import lm_tiny
 from IPython import display
 
 from attnzoo import decoding
+from attnzoo.configs import lm_tiny
 from attnzoo.training import checkpoint, experiment, input_pipeline, loop, sharding, steps
 from attnzoo.training.mesh import make_mesh
 

@@ -42,10 +42,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import sacrebleu
-from attnzoo.configs import mt_tiny
 
 import attnzoo.data
 from attnzoo import decoding
+from attnzoo.configs import mt_tiny
 from attnzoo.models import attention, encoder_decoder, mha
 from attnzoo.training import experiment, input_pipeline, loop, sharding, steps
 from attnzoo.training.mesh import make_mesh
