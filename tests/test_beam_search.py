@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from attnzoo.configs import sharding as rules
 
+from attnzoo.configs import sharding as rules
 from attnzoo.decoding.beam_search import beam_search, length_penalty
 from attnzoo.models import convert, positional
 from attnzoo.models import encoder_decoder as ed
