@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_workdir
 # Parity tests compare against PyTorch transformers; 2.13.0 is the CPU build the dev machines
 # carry. Library users never need torch.
 TORCH ?= torch==2.13.0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto --maxprocesses=4
 
 .PHONY: install dev demo test lint format bench figures clean
 
