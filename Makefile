@@ -34,7 +34,10 @@ demo: install
 	$(VENV)/bin/attnzoo-generate --workdir $(DEMO_DIR)/lm --prompt "ROMEO:" --max_new_tokens 200 \
 		--sampler top_k --top_k 10 --temperature 0.8
 	$(VENV)/bin/attnzoo-train --config configs/mt_tiny.py --workdir $(DEMO_DIR)/mt
-	$(VENV)/bin/attnzoo-eval --workdir $(DEMO_DIR)/mt --split validation --limit 40 --show 5
+	printf "%s\n" "In the days when the judges judged, there was a famine in the land." \
+		"Naomi said to her two daughters-in-law, Go, return each of you to her mother's house." \
+		| $(VENV)/bin/attnzoo-translate --workdir $(DEMO_DIR)/mt
+	$(VENV)/bin/attnzoo-eval --workdir $(DEMO_DIR)/mt --split validation --max_sentences 40
 
 lint: dev
 	$(VENV)/bin/ruff check .
