@@ -96,8 +96,8 @@ def test_incremental_decoding_matches_full_forward(models, tokens, layout):
     cfg, g, p = models[layout]
     full = decoder_lm.apply(g, p, tokens)
     cache = decoder_lm.init_cache(cfg, 2, 16)
-    if layout == "scanned":  # layer caches stacked: [L, B, S_max, K, H]
-        assert cache.layers.k.shape == (3, 2, 16, 2, 8)
+    if layout == "scanned":  # layer caches stacked: [L, B, K, S_max, H]
+        assert cache.layers.k.shape == (3, 2, 2, 16, 8)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
     step = jax.jit(lambda c, x, ps: decoder_lm.apply(g, p, x, ps, cache=c))
     logits, cache = step(cache, tokens[:, :5], pos[:, :5])  # prefill

@@ -162,7 +162,7 @@ def test_first_decode_call_fills_the_cross_cache(model, batch):
     assert cache.cross is None
     logits, cache = ed.decode(g, p, encoded, src_seg, tgt, tgt_positions=pos, cache=cache)
     assert len(cache.cross) == cfg.n_decoder_layers
-    assert cache.cross[0].k.shape == (2, S, cfg.n_heads, cfg.d_model // cfg.n_heads)
+    assert cache.cross[0].k.shape == (2, cfg.n_heads, S, cfg.d_model // cfg.n_heads)  # heads-major
     _close(logits, ed.apply(g, p, src, tgt, src_seg))
 
 

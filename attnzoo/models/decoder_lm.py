@@ -198,7 +198,7 @@ class Cache:
     """Decoding state: per-row next write slot, slot positions, and every layer's K/V.
 
     ``layers`` is a tuple of ``KVCache`` (one per layer) for unrolled models and a single
-    ``KVCache`` with a leading layer axis ([L, B, S_max, K, H]) for ``scan_layers=True``.
+    ``KVCache`` with a leading layer axis ([L, B, K, S_max, H]) for ``scan_layers=True``.
     """
 
     index: jax.Array  # [B] int32

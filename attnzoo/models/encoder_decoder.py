@@ -320,13 +320,17 @@ class EncoderDecoder(nnx.Module):
     def cross_kv(self, encoded: jax.Array) -> tuple[KVCache, ...] | KVCache:
         """Every decoder layer's cross-attention K/V of ``encoded`` [B, S, D], computed once."""
         if not self.cfg.scan_layers:
-            return tuple(KVCache(*b.cross_attn.project_kv(encoded)) for b in self.decoder_blocks)
+            return tuple(
+                KVCache.from_keys_values(*b.cross_attn.project_kv(encoded))
+                for b in self.decoder_blocks
+            )
         graphdef, state = nnx.split(self.decoder_blocks)
 
         def project(layer_state):
-            return KVCache(*nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoded))
+            kv = nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoded)
+            return KVCache.from_keys_values(*kv)
 
-        return jax.vmap(project)(state)  # leaves [L, B, S, K, H]
+        return jax.vmap(project)(state)  # leaves [L, B, K, S, H]
 
     def decode(
         self,
@@ -435,8 +439,8 @@ def _as_pairs(cross, scan: bool):
     if cross is None:
         return None
     if scan:
-        return (cross.k, cross.v)  # scanned: each leaf [L, ...]
-    return tuple((c.k, c.v) for c in cross)
+        return cross.keys_values()  # scanned: each leaf [L, B, S, K, H]
+    return tuple(c.keys_values() for c in cross)
 
 
 def _check_tokens(name, tokens, segment_ids, positions):
