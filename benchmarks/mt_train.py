@@ -13,6 +13,7 @@ import jax
 import optax
 
 from attnzoo.models import encoder_decoder
+from benchmarks.lm_train import mean_cross_entropy
 from benchmarks.protocol import LR, MT, emit, mt_flops_per_tgt_token, timeit
 
 
@@ -37,7 +38,7 @@ def main(peer: str = "attnzoo") -> dict:
 
     def loss_fn(params, src, tgt_in, tgt_out):
         logits = encoder_decoder.apply(graphdef, params, src, tgt_in)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tgt_out).mean()
+        return mean_cross_entropy(logits, tgt_out)
 
     def step(params, opt_state, src, tgt_in, tgt_out):
         loss, grads = jax.value_and_grad(loss_fn)(params, src, tgt_in, tgt_out)

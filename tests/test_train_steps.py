@@ -41,6 +41,20 @@ def test_cross_entropy_matches_the_formulas_in_float64(eps, z):
     np.testing.assert_allclose(out["loss"], ((ce + z * log_z**2) * weights).sum(), rtol=1e-5)
     np.testing.assert_allclose(out["nll"], (nll * weights).sum(), rtol=1e-5)
     assert float(out["weight"]) == weights.sum()
+    np.testing.assert_allclose(out["correct"], ((logits.argmax(-1) == targets) * weights).sum())
+    # d loss / d logits = w (softmax - q) + w 2 z log Z softmax (the fused custom VJP)
+    grad = jax.grad(
+        lambda lg: losses.cross_entropy(
+            lg,
+            jnp.asarray(targets),
+            jnp.asarray(weights, jnp.float32),
+            label_smoothing=eps,
+            z_loss=z,
+        )["loss"]
+    )(jnp.asarray(logits, jnp.float32))
+    p = np.exp(logp)
+    want = weights[..., None] * (p - q + 2 * z * log_z[..., None] * p)
+    np.testing.assert_allclose(grad, want, atol=1e-6)
 
 
 def test_cross_entropy_rejects_mismatched_shapes():

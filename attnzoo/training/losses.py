@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
+
+
+def _softmax_stats(logits: jax.Array, targets: jax.Array):
+    """logits [..., V] float32, targets [...] int -> (log Z, label logit, sum of logits, max).
+
+    Smoothed cross-entropy, z-loss and accuracy are all functions of these four, so the loss
+    never materialises a one-hot [..., V] array or a second softmax for label smoothing, and
+    accuracy needs no argmax (slow on XLA:CPU at large V).
+    """
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z, label, jnp.sum(logits, axis=-1), jnp.max(logits, axis=-1)
 
 
 def cross_entropy(
@@ -35,24 +46,22 @@ def cross_entropy(
             f"logits {logits.shape}, targets {targets.shape} and weights {weights.shape} "
             "must agree on [B, T]"
         )
-    logits = logits.astype(jnp.float32)
+    V = logits.shape[-1]
     weights = weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
-    label_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    log_z, label_logit, total, max_logit = _softmax_stats(logits.astype(jnp.float32), targets)
     nll = log_z - label_logit
+    # -sum_c q_c log p_c with q = (1 - eps) onehot + eps / V
+    ce = nll
     if label_smoothing:
-        one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-        smoothed = optax.smooth_labels(one_hot, label_smoothing)
-        ce = optax.softmax_cross_entropy(logits, smoothed)
-    else:
-        ce = nll
+        ce = (1.0 - label_smoothing) * nll + label_smoothing * (log_z - total / V)
     z = z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    total = lambda x: jnp.sum(x * weights)
+    # the label is the argmax when its logit is the maximum (ties count as hits)
+    correct = jax.lax.stop_gradient(label_logit >= max_logit).astype(jnp.float32)
+    total_of = lambda x: jnp.sum(x * weights)
     return dict(
-        loss=total(ce + z),
-        nll=total(nll),
-        z_loss=total(z),
+        loss=total_of(ce + z),
+        nll=total_of(nll),
+        z_loss=total_of(z),
         weight=jnp.sum(weights),
-        correct=total(correct),
+        correct=total_of(correct),
     )
