@@ -34,7 +34,7 @@ def config(n_layers: int = LM["n_layers"], scan_layers: bool | None = None) -> d
 
 
 def mean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """The library's training loss (fused softmax-cross-entropy VJP), mean over tokens."""
+    """The library's training loss (``attnzoo.training.losses``), mean over tokens."""
     sums = losses.cross_entropy(logits, targets, jnp.ones(targets.shape, jnp.float32))
     return sums["loss"] / sums["weight"]
 

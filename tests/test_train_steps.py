@@ -42,7 +42,7 @@ def test_cross_entropy_matches_the_formulas_in_float64(eps, z):
     np.testing.assert_allclose(out["nll"], (nll * weights).sum(), rtol=1e-5)
     assert float(out["weight"]) == weights.sum()
     np.testing.assert_allclose(out["correct"], ((logits.argmax(-1) == targets) * weights).sum())
-    # d loss / d logits = w (softmax - q) + w 2 z log Z softmax (the fused custom VJP)
+    # d loss / d logits = w (softmax - q) + w 2 z log Z softmax
     grad = jax.grad(
         lambda lg: losses.cross_entropy(
             lg,

@@ -56,7 +56,7 @@ def cross_entropy(
         ce = (1.0 - label_smoothing) * nll + label_smoothing * (log_z - total / V)
     z = z_loss * jnp.square(log_z)
     # the label is the argmax when its logit is the maximum (ties count as hits)
-    correct = jax.lax.stop_gradient(label_logit >= max_logit).astype(jnp.float32)
+    correct = (label_logit >= max_logit).astype(jnp.float32)
     total_of = lambda x: jnp.sum(x * weights)
     return dict(
         loss=total_of(ce + z),
