@@ -1,6 +1,7 @@
 """Building blocks against independent float64 references."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,3 +27,38 @@ def test_exact_gelu_matches_erf_formula_and_torch():
     np.testing.assert_allclose(grad, dwant, atol=2e-6)
     ref = torch.nn.functional.gelu(torch.tensor(x, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+EQNS = {  # the model's projections: q/k/v, stacked q/k/v, output, FFN, untied and tied heads
+    "btd,dnh->btnh": ((2, 3, 8), (8, 2, 4)),
+    "btd,dpnh->btpnh": ((2, 3, 8), (8, 3, 2, 4)),
+    "btnh,nhd->btd": ((2, 3, 2, 4), (2, 4, 8)),
+    "btd,df->btf": ((2, 1, 8), (8, 16)),
+    "btd,vd->btv": ((2, 1, 8), (32, 8)),
+}
+
+
+def test_few_row_matmuls_compute_the_same_einsum_as_weight_stationary_dots():
+    rng = np.random.default_rng(0)
+    for eqn, (xs, ws) in EQNS.items():
+        x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+        want = np.einsum(eqn, x, w)  # float64
+
+        def f(x, w, eqn=eqn):
+            with layers.few_row_matmuls():
+                return layers.linear(eqn, x, w)
+
+        args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+        np.testing.assert_allclose(jax.jit(f)(*args), want, atol=1e-5, rtol=1e-5, err_msg=eqn)
+        np.testing.assert_allclose(layers.linear(eqn, *args), want, atol=1e-5, rtol=1e-5)
+        hlo = jax.jit(f).lower(*args).as_text()
+        # the weight-stationary form really runs on CPU (barriers pin the transposed layouts)
+        assert ("optimization_barrier" in hlo) == (jax.default_backend() == "cpu"), eqn
+        plain = jax.jit(partial(layers.linear, eqn)).lower(*args).as_text()
+        assert "optimization_barrier" not in plain
+
+    def off(x, w):
+        with layers.few_row_matmuls(enabled=False):
+            return layers.linear("btd,vd->btv", x, w)
+
+    assert "optimization_barrier" not in jax.jit(off).lower(*args).as_text()

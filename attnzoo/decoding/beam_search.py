@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.models import encoder_decoder as ed
+from attnzoo.models.layers import few_row_matmuls
 
 LENGTH_PENALTIES = ("gnmt", "power")
 # Hugging Face's "impossible" score: adding it (rather than -inf) keeps every score finite.
@@ -92,15 +93,17 @@ def _beam_search(
     def body(state):
         t, live, live_scores, fin, fin_scores, fin_flags, open_, _, cache = state
         prev = jnp.where(t == 0, bos_id, live[:, :, jnp.maximum(t - 1, 0)])  # (B, K)
-        logits, cache = ed.decode(
-            graphdef,
-            params,
-            encoded,
-            src_segment_ids,
-            prev.reshape(B * K, 1),
-            tgt_positions=jnp.full((B * K, 1), t, jnp.int32),
-            cache=cache,
-        )
+        # B*K rows per matmul: weight-stationary dots (see there); not for scanned stacks
+        with few_row_matmuls(enabled=not cfg.scan_layers):
+            logits, cache = ed.decode(
+                graphdef,
+                params,
+                encoded,
+                src_segment_ids,
+                prev.reshape(B * K, 1),
+                tgt_positions=jnp.full((B * K, 1), t, jnp.int32),
+                cache=cache,
+            )
         logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(B, K, V)
         cand = (live_scores[:, :, None] + logp).reshape(B, K * V)
         top_scores, top_idx = jax.lax.top_k(cand, 2 * K)  # (B, 2K)

@@ -24,6 +24,7 @@ from flax import nnx
 
 from attnzoo.decoding import sampling
 from attnzoo.models import decoder_lm
+from attnzoo.models.layers import few_row_matmuls
 from attnzoo.models.mha import EMPTY_POSITION
 
 
@@ -189,7 +190,9 @@ def _generate(
     def body(state):
         t, tok, done, out, cache, seen = state
         # the previous token sits at position lengths + t - 1 (the prompt fills 0..lengths-1)
-        logits, cache = decode_step(graphdef, params, tok, lengths + t - 1, cache)
+        # B rows per matmul: weight-stationary dots (see there); not for scanned stacks
+        with few_row_matmuls(enabled=not cfg.scan_layers):
+            logits, cache = decode_step(graphdef, params, tok, lengths + t - 1, cache)
         tok, seen = pick(logits, seen, t)
         tok = jnp.where(done, pad_id, tok)  # finished rows emit padding
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)

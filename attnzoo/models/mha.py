@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models.attention import dot_product_attention
-from attnzoo.models.layers import Dense, Norm
+from attnzoo.models.layers import Dense, Norm, linear
 from attnzoo.models.positional import PositionConfig, make_layer_encoding
 
 EMPTY_POSITION = jnp.iinfo(jnp.int32).max
@@ -258,7 +258,7 @@ def _stacked(dense: tuple[Dense, ...], x: jax.Array) -> tuple[jax.Array, ...]:
     """Applies ``"btd,dnh->btnh"`` Dense layers of equal shape to ``x`` as one matmul."""
     dtype = dense[0].dtype or x.dtype
     w = jnp.stack([d.kernel[...] for d in dense], axis=1).astype(dtype)  # (D, P, N, H)
-    y = jnp.einsum("btd,dpnh->btpnh", x.astype(dtype), w)  # (B, T, P, N, H)
+    y = linear("btd,dpnh->btpnh", x.astype(dtype), w)  # (B, T, P, N, H)
     if dense[0].bias is not None:
         y = y + jnp.stack([d.bias[...] for d in dense]).astype(dtype)
     return tuple(y[:, :, i] for i in range(len(dense)))
