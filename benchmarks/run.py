@@ -24,7 +24,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "bench"
-TASKS = ("lm_train", "mt_train", "lm_generate", "attention", "compile")
+TASKS = ("lm_train", "mt_train", "lm_generate", "memory_floor", "attention", "compile")
 OURS = {t: f"benchmarks.{t}" for t in TASKS}
 PEER_TASKS = ("lm_train", "mt_train", "lm_generate")  # what torch_peer.py measures
 # The higher-is-better metric each task is compared on.
@@ -135,7 +135,7 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
     other = [
         r
         for r in records
-        if r.get("task") in ("attention", "compile") and r.get("peer") == "attnzoo"
+        if r.get("task") in ("memory_floor", "attention", "compile") and r.get("peer") == "attnzoo"
     ]
     if other:
         lines += ["", "| task | metric | value | unit | details |", "|---|---|---:|---|---|"]
