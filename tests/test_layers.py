@@ -35,6 +35,7 @@ EQNS = {  # the model's projections: q/k/v, stacked q/k/v, output, FFN, untied a
     "btnh,nhd->btd": ((2, 3, 2, 4), (2, 4, 8)),
     "btd,df->btf": ((2, 1, 8), (8, 16)),
     "btd,vd->btv": ((2, 1, 8), (32, 8)),
+    "bnd,ndh->bnh": ((2, 3, 8), (3, 8, 4)),  # per-head weights: n is a batch dim of the dot
 }
 
 
@@ -57,8 +58,15 @@ def test_few_row_matmuls_compute_the_same_einsum_as_weight_stationary_dots():
         plain = jax.jit(partial(layers.linear, eqn)).lower(*args).as_text()
         assert "optimization_barrier" not in plain
 
+    # not rows times a weight (t is summed away): falls back to the plain einsum
+    x, w = rng.standard_normal((2, 3, 8)), rng.standard_normal((8, 4))
+    with layers.few_row_matmuls():
+        got = layers.linear("btd,df->bf", jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(got, np.einsum("btd,df->bf", x, w), atol=1e-5, rtol=1e-5)
+
     def off(x, w):
         with layers.few_row_matmuls(enabled=False):
             return layers.linear("btd,vd->btv", x, w)
 
-    assert "optimization_barrier" not in jax.jit(off).lower(*args).as_text()
+    head = (jnp.zeros((2, 1, 8)), jnp.zeros((32, 8)))
+    assert "optimization_barrier" not in jax.jit(off).lower(*head).as_text()
