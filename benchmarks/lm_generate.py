@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnzoo import runtime
 from attnzoo.decoding import generate
 from attnzoo.models import decoder_lm
 from benchmarks.lm_train import config
@@ -59,5 +60,6 @@ def main(peer: str = "attnzoo") -> dict:
 
 
 if __name__ == "__main__":
+    runtime.tune_host_allocator()  # as attnzoo-train does; before the backend starts
     jnp.zeros(())  # initialise the backend before timing
     main()

@@ -12,6 +12,7 @@ import time
 import jax
 import optax
 
+from attnzoo import runtime
 from attnzoo.models import encoder_decoder
 from benchmarks.lm_train import mean_cross_entropy
 from benchmarks.protocol import LR, MT, emit, mt_flops_per_tgt_token, timeit
@@ -78,4 +79,5 @@ def main(peer: str = "attnzoo") -> dict:
 
 
 if __name__ == "__main__":
+    runtime.tune_host_allocator()  # as attnzoo-train does; before the backend starts
     main()

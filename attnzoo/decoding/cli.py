@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from attnzoo import runtime
 from attnzoo.decoding import sampling
 from attnzoo.decoding.generation import generate
 from attnzoo.decoding.translate import corpus_bleu, strip, translate
@@ -48,6 +49,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def generate_main(argv: Sequence[str] | None = None) -> None:
     """``attnzoo-generate``: continue one or more prompts with a trained decoder LM."""
+    runtime.tune_host_allocator()
     p = argparse.ArgumentParser(prog="attnzoo-generate", description=generate_main.__doc__)
     _common(p)
     p.add_argument("--prompt", action="append", default=None, help="repeat for a batch")
@@ -90,6 +92,7 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
 
 def translate_main(argv: Sequence[str] | None = None) -> None:
     """``attnzoo-translate``: translate lines from --input (or stdin), one per output line."""
+    runtime.tune_host_allocator()
     p = argparse.ArgumentParser(prog="attnzoo-translate", description=translate_main.__doc__)
     _common(p)
     p.add_argument("--input", default=None, help="text file, one sentence a line (default stdin)")
@@ -155,6 +158,7 @@ def perplexity(r, split: str, *, max_batches: int | None, batch_size: int) -> di
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
     """``attnzoo-eval``: perplexity on a held-out split (LM and MT) and sacreBLEU (MT)."""
+    runtime.tune_host_allocator()
     p = argparse.ArgumentParser(prog="attnzoo-eval", description=eval_main.__doc__)
     _common(p)
     p.add_argument("--split", default="validation", choices=("validation", "test", "train"))

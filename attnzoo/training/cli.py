@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from attnzoo import runtime
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (get_config)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go")
 _COORDINATOR = flags.DEFINE_string(
@@ -25,6 +27,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: pro
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() with auto-detection"
+)
+_TUNE_MALLOC = flags.DEFINE_bool(
+    "tune_host_allocator",
+    True,
+    "on CPU, keep freed memory in-process so XLA's per-step buffers are not re-faulted "
+    "(attnzoo.runtime.tune_host_allocator)",
 )
 
 
@@ -54,6 +62,8 @@ def _main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
+    if _TUNE_MALLOC.value:
+        runtime.tune_host_allocator()  # before the backend starts its threads
     _init_distributed()
     from attnzoo.training import loop  # noqa: PLC0415  (after distributed init)
 
