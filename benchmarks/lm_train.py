@@ -34,9 +34,10 @@ def config(n_layers: int = LM["n_layers"], scan_layers: bool | None = None) -> d
     )
 
 
-def mean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """The library's training loss (``attnzoo.training.losses``), mean over tokens."""
-    sums = losses.cross_entropy(logits, targets, jnp.ones(targets.shape, jnp.float32))
+def mean_cross_entropy(head, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """The library's training loss, mean over tokens: head and loss fused as ``attnzoo-train``
+    computes them (``losses.fused_cross_entropy``; ``fused_loss=True`` by default)."""
+    sums = losses.fused_cross_entropy(head, hidden, targets, jnp.ones(targets.shape, jnp.float32))
     return sums["loss"] / sums["weight"]
 
 
@@ -45,8 +46,8 @@ def make_step(cfg: decoder_lm.Config):
     opt = optax.adamw(LR)
 
     def loss_fn(params, inputs, targets):
-        logits = decoder_lm.apply(graphdef, params, inputs)
-        return mean_cross_entropy(logits, targets)
+        hidden = decoder_lm.apply(graphdef, params, inputs, return_hidden=True)
+        return mean_cross_entropy(decoder_lm.output_head(graphdef, params), hidden, targets)
 
     @jax.jit
     def step(params, opt_state, inputs, targets):

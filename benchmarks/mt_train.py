@@ -38,8 +38,9 @@ def main(peer: str = "attnzoo") -> dict:
     opt = optax.adamw(LR)
 
     def loss_fn(params, src, tgt_in, tgt_out):
-        logits = encoder_decoder.apply(graphdef, params, src, tgt_in)
-        return mean_cross_entropy(logits, tgt_out)
+        hidden = encoder_decoder.apply(graphdef, params, src, tgt_in, return_hidden=True)
+        head = encoder_decoder.output_head(graphdef, params)
+        return mean_cross_entropy(head, hidden, tgt_out)
 
     def step(params, opt_state, src, tgt_in, tgt_out):
         loss, grads = jax.value_and_grad(loss_fn)(params, src, tgt_in, tgt_out)

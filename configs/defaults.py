@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
     c.label_smoothing = 0.0
     c.z_loss = 0.0
+    # head + loss in one chunked pass, never holding [B, T, V] logits (losses.fused_cross_entropy)
+    c.fused_loss = True
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: remaining devices
     c.sharding = "dp"  # a table of attnzoo.configs.sharding.RULES

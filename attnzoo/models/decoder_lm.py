@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 from attnzoo.models import masks
 from attnzoo.models.blocks import Block, validate_config
-from attnzoo.models.layers import Dense, Embed, Norm, normal
+from attnzoo.models.layers import Dense, Embed, LinearHead, Norm, normal
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
 from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_layers
@@ -299,12 +299,14 @@ class DecoderLM(nnx.Module):
         cache: Cache | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """tokens [B, T] int -> logits [B, T, V] (and the updated cache if one is given).
 
         ``positions`` default to 0..T-1 per row, per segment when ``segment_ids`` is given (id 0
         marks padding). With a ``cache``, ``positions`` are required (e.g. prompt lengths so
-        far) and the new tokens are written at ``cache.index``.
+        far) and the new tokens are written at ``cache.index``. ``return_hidden`` gives the
+        final hidden states [B, T, D] instead of logits (``output_head()`` maps them to logits).
         """
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -349,11 +351,21 @@ class DecoderLM(nnx.Module):
         )
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.head is None else self.head(x)  # (B, T, V)
+        logits = x if return_hidden else self.output_head()(x)  # (B, T, V)
         if cache is None:
             return logits
         return logits, Cache(
             index=index + tokens.shape[1], positions=k_positions, layers=layer_caches
+        )
+
+    def output_head(self) -> LinearHead:
+        """The output projection (the untied head, or the embedding table when tied)."""
+        if self.head is None:
+            return LinearHead(kernel=self.embed.embedding[...], tied=True)
+        return LinearHead(
+            kernel=self.head.kernel[...],
+            bias=None if self.head.bias is None else self.head.bias[...],
+            dtype=self.head.dtype,
         )
 
 
@@ -373,8 +385,12 @@ def apply(
     cache: Cache | None = None,
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
+    return_hidden: bool = False,
 ) -> jax.Array | tuple[jax.Array, Cache]:
     """Pure forward pass: tokens [B, T] -> logits [B, T, V] (plus cache if given).
+
+    ``return_hidden=True`` returns the final hidden states [B, T, D] instead, for losses that
+    apply the head themselves (``losses.fused_cross_entropy`` with ``output_head``).
 
     ``nnx.merge`` runs here, inside whatever ``jax.jit`` the caller wraps around ``apply``, so the
     NNX graph work is paid once at trace time, not every step.
@@ -384,8 +400,21 @@ def apply(
     if not deterministic and rngs is None:
         raise ValueError("apply(deterministic=False) needs dropout_rng")
     return model(
-        tokens, positions, segment_ids, cache=cache, deterministic=deterministic, rngs=rngs
+        tokens,
+        positions,
+        segment_ids,
+        cache=cache,
+        deterministic=deterministic,
+        rngs=rngs,
+        return_hidden=return_hidden,
     )
+
+
+def output_head(graphdef: nnx.GraphDef, params: nnx.State) -> LinearHead:
+    """The output projection as arrays: ``apply(...) == output_head(...)(apply(...,
+    return_hidden=True))``. Call it inside the differentiated function so gradients reach
+    ``params``."""
+    return nnx.merge(graphdef, params).output_head()
 
 
 def param_count(cfg: Config) -> int:

@@ -27,7 +27,7 @@ from flax import nnx, struct
 from attnzoo.models import masks
 from attnzoo.models.blocks import Block, validate_config
 from attnzoo.models.decoder_lm import final_norm, positions_from_segments
-from attnzoo.models.layers import Dense, Embed, normal, param
+from attnzoo.models.layers import Dense, Embed, LinearHead, normal, param
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
 from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_layers
@@ -343,8 +343,12 @@ class EncoderDecoder(nnx.Module):
         cache: Cache | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, Cache]:
-        """encoded [B, S, D], tgt_tokens [B, T] -> logits [B, T, V] (and the updated cache)."""
+        """encoded [B, S, D], tgt_tokens [B, T] -> logits [B, T, V] (and the updated cache).
+
+        ``return_hidden``: the decoder's final hidden states [B, T, D] instead of logits.
+        """
         cfg = self.cfg
         _check_tokens("tgt_tokens", tgt_tokens, tgt_segment_ids, tgt_positions)
         if encoded.ndim != 3 or encoded.shape[0] != tgt_tokens.shape[0]:
@@ -386,14 +390,7 @@ class EncoderDecoder(nnx.Module):
         )
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
-        if self.head is not None:
-            logits = self.head(x)
-        else:
-            if cfg.scale_tied_logits:  # T5 rescales before its tied projection
-                x = x * cfg.d_model**-0.5
-            logits = self.embed.attend(x)  # (B, T, V)
-        if self.logits_bias is not None:
-            logits = logits + self.logits_bias[...].astype(logits.dtype)
+        logits = x if return_hidden else self.output_head()(x)  # (B, T, V)
         if cache is None:
             return logits
         new_cache = Cache(
@@ -403,6 +400,15 @@ class EncoderDecoder(nnx.Module):
             cross=cross,
         )
         return logits, new_cache
+
+    def output_head(self) -> LinearHead:
+        """The output projection: untied head or tied embedding table, plus the logits bias."""
+        bias = None if self.logits_bias is None else self.logits_bias[...]
+        if self.head is not None:
+            return LinearHead(kernel=self.head.kernel[...], bias=bias, dtype=self.head.dtype)
+        # T5 rescales the decoder output by d_model**-0.5 before its tied projection
+        scale = self.cfg.d_model**-0.5 if self.cfg.scale_tied_logits else 1.0
+        return LinearHead(kernel=self.embed.embedding[...], bias=bias, scale=scale, tied=True)
 
     def __call__(
         self,
@@ -415,6 +421,7 @@ class EncoderDecoder(nnx.Module):
         tgt_positions: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array:
         encoded = self.encode(
             src_tokens,
@@ -431,6 +438,7 @@ class EncoderDecoder(nnx.Module):
             tgt_positions=tgt_positions,
             deterministic=deterministic,
             rngs=rngs,
+            return_hidden=return_hidden,
         )
 
 
@@ -478,8 +486,13 @@ def apply(
     tgt_positions: jax.Array | None = None,
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
+    return_hidden: bool = False,
 ) -> jax.Array:
-    """Teacher-forced forward pass: src [B, S], tgt [B, T] int -> logits [B, T, V]."""
+    """Teacher-forced forward pass: src [B, S], tgt [B, T] int -> logits [B, T, V].
+
+    ``return_hidden=True``: the decoder's final hidden states [B, T, D] instead, for losses that
+    apply the head themselves (``losses.fused_cross_entropy`` with ``output_head``).
+    """
     model, rngs = _merge(graphdef, params, deterministic, dropout_rng)
     return model(
         src_tokens,
@@ -490,7 +503,13 @@ def apply(
         tgt_positions=tgt_positions,
         deterministic=deterministic,
         rngs=rngs,
+        return_hidden=return_hidden,
     )
+
+
+def output_head(graphdef: nnx.GraphDef, params: nnx.State) -> LinearHead:
+    """The output projection as arrays (see ``decoder_lm.output_head``)."""
+    return nnx.merge(graphdef, params).output_head()
 
 
 def encode(

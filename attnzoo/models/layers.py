@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 Initializer = Callable[..., jax.Array]
 
@@ -160,6 +161,42 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] -> logits [B, T, V] with the transposed embedding table."""
         return linear("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
+
+
+@struct.dataclass
+class LinearHead:
+    """The output projection as plain arrays: ``logits = (x * scale) @ kernel + bias``.
+
+    ``kernel`` is ``[D, V]``, or the tied embedding table ``[V, D]`` with ``tied=True``;
+    ``bias`` is ``[V]`` or ``None``. Models hand it out (``output_head``) so that a loss can
+    own the projection, e.g. ``losses.fused_cross_entropy``, which never materialises the
+    ``[B, T, V]`` logits. Built from the parameters inside the differentiated function, its
+    gradients flow back to them like any other use of the weights.
+    """
+
+    kernel: jax.Array
+    bias: jax.Array | None = None
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    tied: bool = struct.field(pytree_node=False, default=False)
+    dtype: Any = struct.field(pytree_node=False, default=None)
+
+    def __call__(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:
+        """x: [..., D] -> logits [..., V] (in ``dtype``, default ``x``'s)."""
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        if self.scale != 1.0:
+            x = x * jnp.asarray(self.scale, dtype)
+        w = self.kernel.astype(dtype)
+        if preferred_element_type is not None:  # chunked losses: float32 logits from bf16
+            spec = "...d,vd->...v" if self.tied else "...d,dv->...v"
+            y = jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+        elif self.tied:
+            y = linear("btd,vd->btv", x, w) if x.ndim == 3 else x @ w.T
+        else:
+            y = linear("btd,dv->btv", x, w) if x.ndim == 3 else x @ w
+        if self.bias is not None:
+            y = y + self.bias.astype(y.dtype)
+        return y
 
 
 class Norm(nnx.Module):

@@ -87,6 +87,7 @@ def build(
         task=config.task,
         label_smoothing=config.label_smoothing,
         z_loss=config.z_loss,
+        fused_loss=config.get("fused_loss", True),
         grad_accum_steps=config.grad_accum_steps,
     )
     eval_step = functools.partial(steps.eval_step, graphdef=graphdef, task=config.task)

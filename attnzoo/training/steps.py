@@ -40,14 +40,25 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def _loss_sums(params, graphdef, batch, rng, *, task, label_smoothing, z_loss, deterministic):
-    logits = tasks.forward(
-        task, graphdef, params, batch, deterministic=deterministic, dropout_rng=rng
+def _loss_sums(
+    params, graphdef, batch, rng, *, task, label_smoothing, z_loss, deterministic, fused_loss
+):
+    out = tasks.forward(
+        task,
+        graphdef,
+        params,
+        batch,
+        deterministic=deterministic,
+        dropout_rng=rng,
+        return_hidden=fused_loss,
     )
     targets, weights = tasks.targets(task, batch)
-    sums = losses.cross_entropy(
-        logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss
-    )
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    if fused_loss:
+        head = tasks.output_head(task, graphdef, params)
+        sums = losses.fused_cross_entropy(head, out, targets, weights, **kw)
+    else:
+        sums = losses.cross_entropy(out, targets, weights, **kw)
     return sums["loss"], sums
 
 
@@ -63,6 +74,7 @@ def train_step(
     z_loss: float = 0.0,
     grad_accum_steps: int = 1,
     deterministic: bool = False,
+    fused_loss: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on ``batch`` (dict of [B, T] arrays).
 
@@ -72,6 +84,10 @@ def train_step(
     full batch exactly, also when micro-batches hold different numbers of real tokens (averaging
     per-micro-batch means, as ``optax.MultiSteps`` does, would not). Only one micro-batch's
     activations are alive at a time.
+
+    ``fused_loss`` computes the output projection and the loss together in chunks
+    (``losses.fused_cross_entropy``): the same loss and gradients, without the [B, T, V]
+    logits and their gradient in memory.
 
     Returns the new state and metrics: ``loss`` (mean optimised loss), ``nll``, ``accuracy``,
     ``tokens``, ``grad_norm``, ``finite`` (False if the loss or a gradient is NaN/Inf; the
@@ -83,6 +99,7 @@ def train_step(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         deterministic=deterministic or rng is None,
+        fused_loss=fused_loss,
     )
     if grad_accum_steps == 1:
         grads, sums = grad_fn(state.params, graphdef, batch, rng, **kw)

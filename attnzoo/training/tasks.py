@@ -58,9 +58,11 @@ def forward(
     *,
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
+    return_hidden: bool = False,
 ) -> jax.Array:
-    """Logits ``[B, T, V]`` for the batch's targets."""
-    kw = dict(deterministic=deterministic, dropout_rng=dropout_rng)
+    """Logits ``[B, T, V]`` for the batch's targets (final hidden states [B, T, D] with
+    ``return_hidden``; ``output_head`` projects them)."""
+    kw = dict(deterministic=deterministic, dropout_rng=dropout_rng, return_hidden=return_hidden)
     if task == "lm":
         return model_module(task).apply(
             graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"], **kw
@@ -76,6 +78,11 @@ def forward(
         tgt_positions=batch["tgt_positions"],
         **kw,
     )
+
+
+def output_head(task: str, graphdef, params):
+    """The model's output projection (``LinearHead``), for losses that apply it themselves."""
+    return model_module(task).output_head(graphdef, params)
 
 
 def targets(task: str, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
