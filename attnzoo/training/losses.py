@@ -172,16 +172,39 @@ def fused_cross_entropy(
         return jax.lax.scan(body, zero_sums, (xs, ts, ws))[0]
 
     def run_fwd(h, xs):
-        def body(carry, inp):
-            acc, dh = carry
-            xc, tgt, w = inp
-            logits, vjp = jax.vjp(project, h, xc)
-            sums, g = chunk_sums(logits, tgt, w, with_grad=True)
-            dh_c, dx_c = vjp(g)
-            return (add(acc, sums), add(dh, dh_c)), dx_c.astype(xc.dtype)
+        # The head's gradients written out (not jax.vjp): the kernel gradient accumulates as
+        # [D, V] = x^T g with x^T materialised (a [D, rows] copy), so XLA never transposes the
+        # [rows, V] softmax gradient, and a tied table's [V, D] gradient is transposed once at
+        # the end instead of once per chunk (CPU profile: ~35 ms of the step).
+        dtype = h.dtype or xs.dtype
+        kernel = h.kernel.astype(dtype)
+        D = xs.shape[-1]
 
-        dh0 = jax.tree.map(jnp.zeros_like, h)
-        (sums, dh), dxs = jax.lax.scan(body, (zero_sums, dh0), (xs, ts, ws))
+        def body(carry, inp):
+            acc, dk, db = carry
+            xc, tgt, w = inp
+            rows = xc.reshape(-1, D).astype(dtype)  # (R, D)
+            if h.scale != 1.0:
+                rows = rows * jnp.asarray(h.scale, dtype)
+            logits = h.replace(scale=1.0)(rows, preferred_element_type=jnp.float32)  # (R, V)
+            sums, g = chunk_sums(logits.reshape(*tgt.shape, -1), tgt, w, with_grad=True)
+            g = g.reshape(-1, g.shape[-1]).astype(dtype)  # (R, V)
+            if h.tied:  # kernel (V, D)
+                dx = jnp.dot(g, kernel, preferred_element_type=jnp.float32)
+            else:  # kernel (D, V)
+                dx = jnp.einsum("rv,dv->rd", g, kernel, preferred_element_type=jnp.float32)
+            rows_t = jax.lax.optimization_barrier(rows.T)  # (D, R): keeps x^T g canonical
+            dk = dk + jnp.dot(rows_t, g, preferred_element_type=jnp.float32)  # (D, V)
+            db = db + jnp.sum(g, axis=0, dtype=jnp.float32)
+            dx = (dx * h.scale).astype(xc.dtype).reshape(xc.shape)
+            return (add(acc, sums), dk, db), dx
+
+        init = (zero_sums, jnp.zeros((D, V), jnp.float32), jnp.zeros((V,), jnp.float32))
+        (sums, dk, db), dxs = jax.lax.scan(body, init, (xs, ts, ws))
+        dh = h.replace(
+            kernel=(dk.T if h.tied else dk).astype(h.kernel.dtype),
+            bias=None if h.bias is None else db.astype(h.bias.dtype),
+        )
         return sums, (dh, dxs)
 
     def run_bwd(res, ct):
