@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnzoo.models import decoder_lm, encoder_decoder
 from attnzoo.models.layers import LinearHead
 from attnzoo.training import losses
 
@@ -73,3 +74,46 @@ def test_shape_mismatch_is_a_clear_error():
     x, kernel, bias, targets, weights = _inputs()
     with pytest.raises(ValueError, match="must agree on"):
         losses.fused_cross_entropy(LinearHead(kernel=kernel), x[:, :5], targets, weights)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decoder_lm_output_head_of_hidden_is_the_logits(tie):
+    cfg = decoder_lm.Config.tiny(vocab_size=40).replace(tie_embeddings=tie, n_layers=1)
+    graphdef, params = decoder_lm.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 40)
+    logits = decoder_lm.apply(graphdef, params, tokens)
+    hidden = decoder_lm.apply(graphdef, params, tokens, return_hidden=True)
+    assert hidden.shape == (2, 6, cfg.d_model)
+    head = decoder_lm.output_head(graphdef, params)
+    assert head.tied is tie
+    np.testing.assert_allclose(head(hidden), logits, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(tie_embeddings=True, scale_tied_logits=True, final_logits_bias=True),  # T5 / Marian
+        dict(tie_embeddings=False),
+    ],
+)
+def test_encoder_decoder_output_head_of_hidden_is_the_logits(kw):
+    cfg = encoder_decoder.Config.tiny().replace(
+        vocab_size=40, n_encoder_layers=1, n_decoder_layers=1, **kw
+    )
+    graphdef, params = encoder_decoder.init(cfg, jax.random.key(0))
+    if cfg.final_logits_bias:  # zero-initialised: make it matter
+        params["logits_bias"].value = jnp.arange(40, dtype=jnp.float32) / 40
+    src = jax.random.randint(jax.random.key(1), (2, 5), 1, 40)
+    tgt = jax.random.randint(jax.random.key(2), (2, 4), 1, 40)
+    logits = encoder_decoder.apply(graphdef, params, src, tgt)
+    hidden = encoder_decoder.apply(graphdef, params, src, tgt, return_hidden=True)
+    head = encoder_decoder.output_head(graphdef, params)
+    np.testing.assert_allclose(head(hidden), logits, atol=1e-5)
+    # and the fused loss of the hidden states is the loss of those logits
+    t = jax.random.randint(jax.random.key(3), (2, 4), 0, 40)
+    w = jnp.ones((2, 4))
+    np.testing.assert_allclose(
+        losses.fused_cross_entropy(head, hidden, t, w)["loss"],
+        losses.cross_entropy(logits, t, w)["loss"],
+        rtol=1e-6,
+    )

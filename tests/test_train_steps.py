@@ -251,3 +251,15 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss(model):
     state32, step32 = _step(model, 1)
     _, m32 = step32(state32, _batch(), None)
     np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=2e-2)
+
+
+def test_fused_loss_step_equals_the_plain_loss_step(model):
+    batch = _batch(seed=3)
+    state, fused = _step(model, 1, fused_loss=True, label_smoothing=0.1, z_loss=1e-3)
+    new_f, m_f = fused(state, batch, None)
+    state, plain = _step(model, 1, fused_loss=False, label_smoothing=0.1, z_loss=1e-3)
+    new_p, m_p = plain(state, batch, None)
+    for k in ("loss", "nll", "accuracy", "tokens", "grad_norm"):
+        np.testing.assert_allclose(m_f[k], m_p[k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(new_f.params), jax.tree.leaves(new_p.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
