@@ -49,7 +49,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def generate_main(argv: Sequence[str] | None = None) -> None:
     """``attnzoo-generate``: continue one or more prompts with a trained decoder LM."""
-    runtime.tune_host_allocator()
+    if argv is None:  # run as a program (not called from Python): see attnzoo.runtime
+        runtime.tune_host_allocator()
     p = argparse.ArgumentParser(prog="attnzoo-generate", description=generate_main.__doc__)
     _common(p)
     p.add_argument("--prompt", action="append", default=None, help="repeat for a batch")
@@ -92,7 +93,8 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
 
 def translate_main(argv: Sequence[str] | None = None) -> None:
     """``attnzoo-translate``: translate lines from --input (or stdin), one per output line."""
-    runtime.tune_host_allocator()
+    if argv is None:  # run as a program (not called from Python): see attnzoo.runtime
+        runtime.tune_host_allocator()
     p = argparse.ArgumentParser(prog="attnzoo-translate", description=translate_main.__doc__)
     _common(p)
     p.add_argument("--input", default=None, help="text file, one sentence a line (default stdin)")
@@ -158,7 +160,8 @@ def perplexity(r, split: str, *, max_batches: int | None, batch_size: int) -> di
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
     """``attnzoo-eval``: perplexity on a held-out split (LM and MT) and sacreBLEU (MT)."""
-    runtime.tune_host_allocator()
+    if argv is None:  # run as a program (not called from Python): see attnzoo.runtime
+        runtime.tune_host_allocator()
     p = argparse.ArgumentParser(prog="attnzoo-eval", description=eval_main.__doc__)
     _common(p)
     p.add_argument("--split", default="validation", choices=("validation", "test", "train"))
