@@ -138,7 +138,8 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table ``[vocab, embed]``; ``attend`` reuses it as a tied output head."""
+    """Token embedding table ``[vocab, embed]``; a tied output head uses it through
+    ``LinearHead(kernel=table, tied=True)`` (the models' ``output_head``)."""
 
     def __init__(
         self,
@@ -157,10 +158,6 @@ class Embed(nnx.Module):
     def __call__(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
         """tokens: [B, T] int -> [B, T, D]."""
         return jnp.take(self.embedding[...].astype(dtype), tokens, axis=0)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, D] -> logits [B, T, V] with the transposed embedding table."""
-        return linear("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
 
 
 @struct.dataclass
