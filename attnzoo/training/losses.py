@@ -48,9 +48,15 @@ def cross_entropy(
             f"logits {logits.shape}, targets {targets.shape} and weights {weights.shape} "
             "must agree on [B, T]"
         )
-    V = logits.shape[-1]
     weights = weights.astype(jnp.float32)
-    log_z, label_logit, total, max_logit = _softmax_stats(logits.astype(jnp.float32), targets)
+    stats = _softmax_stats(logits.astype(jnp.float32), targets)
+    return _weighted_sums(
+        *stats, weights, V=logits.shape[-1], label_smoothing=label_smoothing, z_loss=z_loss
+    )
+
+
+def _weighted_sums(log_z, label_logit, total, max_logit, weights, *, V, label_smoothing, z_loss):
+    """The ``cross_entropy`` dict from the per-token softmax statistics ([...] each)."""
     nll = log_z - label_logit
     # -sum_c q_c log p_c with q = (1 - eps) onehot + eps / V
     ce = nll
@@ -122,27 +128,16 @@ def fused_cross_entropy(
     xs, ts, ws = chunks(x), chunks(targets), chunks(weights)
     eps, V = label_smoothing, head.kernel.shape[0 if head.tied else 1]
 
-    def project(h, xc):
-        return h(xc, preferred_element_type=jnp.float32)  # (B, tc, V) float32
-
     def chunk_sums(logits, tgt, w, with_grad):
+        # the statistics of _softmax_stats, keeping exp(logits - max) for the gradient
         m = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - m)
         s = jnp.sum(e, axis=-1, keepdims=True)
         log_z = (m + jnp.log(s))[..., 0]
         label = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        nll = log_z - label
-        ce = nll
-        if eps:
-            ce = (1.0 - eps) * nll + eps * (log_z - jnp.sum(logits, axis=-1) / V)
-        z = z_loss * jnp.square(log_z)
-        correct = (label >= m[..., 0]).astype(jnp.float32)
-        sums = dict(
-            loss=jnp.sum((ce + z) * w),
-            nll=jnp.sum(nll * w),
-            z_loss=jnp.sum(z * w),
-            weight=jnp.sum(w),
-            correct=jnp.sum(correct * w),
+        total = jnp.sum(logits, axis=-1)  # dead code for XLA unless label smoothing uses it
+        sums = _weighted_sums(
+            log_z, label, total, m[..., 0], w, V=V, label_smoothing=eps, z_loss=z_loss
         )
         if not with_grad:
             return sums, None
@@ -166,7 +161,8 @@ def fused_cross_entropy(
     def run(h, xs):
         def body(acc, inp):
             xc, tgt, w = inp
-            sums, _ = chunk_sums(project(h, xc), tgt, w, with_grad=False)
+            logits = h(xc, preferred_element_type=jnp.float32)  # (B, tc, V)
+            sums, _ = chunk_sums(logits, tgt, w, with_grad=False)
             return add(acc, sums), None
 
         return jax.lax.scan(body, zero_sums, (xs, ts, ws))[0]
