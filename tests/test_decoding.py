@@ -118,7 +118,8 @@ def test_stop_tokens_pad_the_rest(lm):
     assert (out[0, 3:] == 0).all()
 
 
-def test_loop_exits_once_every_row_has_stopped(lm):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_loop_exits_once_every_row_has_stopped(lm, stages):
     cfg, graphdef, params = lm
     free = np.asarray([_naive_greedy(graphdef, params, p, 8) for p in PROMPTS])
     # each row stops at a different step: rows' 1st, 3rd and 2nd tokens (first occurrences)
@@ -127,12 +128,55 @@ def test_loop_exits_once_every_row_has_stopped(lm):
     out, steps = gen._generate(
         graphdef, params, tokens, lengths, jax.random.key(0), 1.0, 1.0, 0.0, 1.0, cfg=cfg,
         max_new_tokens=8, cache_len=16, sampler="greedy", top_k=None, use_top_p=False,
-        use_min_p=False, use_penalty=False, stop_tokens=stops, pad_id=0,
+        use_min_p=False, use_penalty=False, stop_tokens=stops, pad_id=0, stages=stages,
     )  # fmt: skip
     ends = [min(int(np.flatnonzero(np.isin(r, stops))[0]) + 1, 8) for r in free]
     assert int(steps) == max(ends) < 8  # no decoding after the last row stopped
     want = [_naive_greedy(graphdef, params, p, 8, stop=stops) for p in PROMPTS]
     np.testing.assert_array_equal(np.asarray(out), want)
+
+
+@pytest.mark.parametrize("variant", ["rope", "learned-scanned"])  # + learned: the test above
+def test_staged_loop_over_a_growing_cache_equals_naive_greedy(variant):
+    kind = variant.split("-")[0]
+    cfg = _cfg(kind, **VARIANTS.get(variant, {}))
+    graphdef, params = decoder_lm.init(cfg, jax.random.key(3))
+    out = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=9, stages=4))
+    want = [_naive_greedy(graphdef, params, p, 9) for p in PROMPTS]
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "P,N,cache_len,stages",
+    [(5, 9, 14, 4), (16, 128, 144, 4), (3, 2, 5, 4), (4, 1, 5, 3), (7, 10, 40, 1), (2, 5, 7, 9)],
+)
+def test_stage_plan_gives_every_step_the_slots_it_reads(P, N, cache_len, stages):
+    ends, sizes = gen.stage_plan(P, N, cache_len, stages)
+    assert ends[-1] == max(N, 1) and sizes[-1] == cache_len
+    assert ends == sorted(set(ends)) and sizes == sorted(sizes)
+    assert len(ends) == min(stages, max(N - 1, 1))
+    start = 1
+    for end, size in zip(ends, sizes, strict=True):
+        # step t writes slot <= P + t - 1 and attends to slots < P + t; the prefill needs P
+        assert all(P + t <= size for t in range(start, end)) and P <= size
+        start = end
+
+
+def test_cache_grow_keeps_contents_and_adds_empty_slots(lm):
+    cfg, graphdef, params = lm
+    tokens, lengths = gen.pad_prompts(PROMPTS)
+    _, cache = gen.prefill(graphdef, params, cfg, tokens, lengths, cache_len=6)
+    grown = cache.grow(9)
+    assert grown.positions.shape == (3, 9)
+    np.testing.assert_array_equal(grown.positions[:, :6], cache.positions)
+    assert (np.asarray(grown.positions[:, 6:]) == gen.EMPTY_POSITION).all()
+    np.testing.assert_array_equal(grown.index, cache.index)
+    for old, new in zip(cache.layers, grown.layers, strict=True):
+        np.testing.assert_array_equal(new.k[:, :, :6], old.k)
+        np.testing.assert_array_equal(new.v[:, :, :6], old.v)
+        assert not np.asarray(new.k[:, :, 6:]).any()
+    with pytest.raises(ValueError, match="can only grow"):
+        cache.grow(4)
 
 
 def test_sampling_reproducible_and_temperature_zero_is_greedy(lm):
@@ -194,5 +238,7 @@ def test_bad_inputs_raise_clear_errors(lm):
         gen.generate(graphdef, params, cfg, [[1]], max_new_tokens=2, sampler="sample")
     with pytest.raises(ValueError, match="vocabulary"):
         gen.generate(graphdef, params, cfg, [[1, 64]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="stages must be >= 1"):
+        gen.generate(graphdef, params, cfg, [[1]], max_new_tokens=4, stages=0)
     with pytest.raises(ValueError, match="no prompts"):
         gen.generate(graphdef, params, cfg, [], max_new_tokens=2)

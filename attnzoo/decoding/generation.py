@@ -125,6 +125,7 @@ def decode_step(
         "use_penalty",
         "stop_tokens",
         "pad_id",
+        "stages",
     ),
 )
 def _generate(
@@ -148,8 +149,10 @@ def _generate(
     use_penalty: bool,
     stop_tokens: tuple[int, ...],
     pad_id: int,
+    stages: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """The whole generation as one program: prefill, then a ``while_loop`` over new tokens.
+    """The whole generation as one program: prefill, then ``while_loop``s over new tokens
+    (one per stage of ``stage_plan``, the cache growing between them).
 
     Returns (new tokens [B, N], number of tokens decoded before every row stopped).
     """
@@ -178,14 +181,18 @@ def _generate(
             seen = seen.at[jnp.arange(B), tok].set(True)
         return tok, seen
 
-    logits, cache = prefill(graphdef, params, cfg, tokens, lengths, cache_len=cache_len)
+    ends, sizes = stage_plan(P, N, cache_len, stages)
+    logits, cache = prefill(graphdef, params, cfg, tokens, lengths, cache_len=sizes[0])
     tok, seen = pick(logits, seen, 0)
     out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, stop)
 
-    def cond(state):
-        t, _, done, *_ = state
-        return (t < N) & ~jnp.all(done)
+    def cond(end):
+        def stage_cond(state):
+            t, _, done, *_ = state
+            return (t < end) & ~jnp.all(done)
+
+        return stage_cond
 
     def body(state):
         t, tok, done, out, cache, seen = state
@@ -199,8 +206,40 @@ def _generate(
         return t + 1, tok, done | jnp.isin(tok, stop), out, cache, seen
 
     state = (jnp.int32(1), tok, done, out, cache, seen)
-    steps, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
+    for end, size in zip(ends, sizes, strict=True):
+        t, tok, done, out, cache, seen = state
+        state = (t, tok, done, out, cache.grow(size), seen)
+        state = jax.lax.while_loop(cond(end), body, state)
+    steps, _, _, out, _, _ = state
     return out, steps
+
+
+def default_stages(max_new_tokens: int) -> int:
+    """One stage per 32 new tokens, at most 4.
+
+    Each stage compiles its own loop body. ``lm_generate`` (128 new tokens after a 16-token
+    prompt, 2-core dev CPU, in-process A/B over 20 alternating calls): 4 stages are 11% faster
+    than 1 (2, 7%; 8, no faster than 4); first call 4.8 s instead of 3.2 s.
+    """
+    return max(1, min(4, max_new_tokens // 32))
+
+
+def stage_plan(
+    prompt_len: int, max_new_tokens: int, cache_len: int, stages: int
+) -> tuple[list[int], list[int]]:
+    """Splits the token loop into stages over a growing cache -> (end step, cache slots) each.
+
+    Step ``t`` (1 .. N-1; token 0 comes from the prefill) reads cache slots below
+    ``P + t``, so a stage ending before step ``e`` needs only ``P + e - 1`` slots; the last
+    stage has all ``cache_len``. Each step's attention then reads the slots its stage can have
+    filled instead of the whole cache: decode steps are memory-bound, and on the 2-core dev
+    CPU every 64 cache slots add ~0.7 ms to a ~4 ms ``lm_generate`` step.
+    """
+    n_steps = max_new_tokens - 1
+    stages = max(1, min(stages, n_steps))
+    ends = sorted({1 + -(-n_steps * (j + 1) // stages) for j in range(stages)})
+    sizes = [prompt_len + e - 1 for e in ends[:-1]] + [cache_len]
+    return ends, sizes
 
 
 def generate(
@@ -221,6 +260,7 @@ def generate(
     pad_id: int = 0,
     lengths: Sequence[int] | np.ndarray | None = None,
     cache_len: int | None = None,
+    stages: int | None = None,
 ) -> jax.Array:
     """Continues each prompt by ``max_new_tokens`` tokens -> new tokens [B, max_new_tokens].
 
@@ -232,10 +272,13 @@ def generate(
         loop exits early once every row has stopped.
       rng: key for sampling (required unless greedy); the same key gives the same tokens.
       cache_len: KV-cache slots (default: the longest prompt + ``max_new_tokens``).
+      stages: the token loop runs in this many stages over a growing cache, each step
+        attending only over the slots its stage can have filled (``stage_plan``); each stage
+        compiles its own loop body. Default ``default_stages(max_new_tokens)``.
 
     Compiles once per (config, batch, prompt length, max_new_tokens, sampler, top_k,
-    stop_tokens); temperature, top_p, min_p and the penalty are runtime values. Pad prompt
-    lists to a fixed length with ``pad_prompts`` + ``lengths`` to reuse one compilation.
+    stop_tokens, stages); temperature, top_p, min_p and the penalty are runtime values. Pad
+    prompt lists to a fixed length with ``pad_prompts`` + ``lengths`` to reuse one compilation.
     """
     if not isinstance(cfg, decoder_lm.Config):
         raise ValueError(
@@ -244,6 +287,8 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if stages is not None and stages < 1:
+        raise ValueError(f"stages must be >= 1 (1 = one loop over the whole cache), got {stages}")
     if temperature == 0:
         sampler = "greedy"
     sampling.validate(
@@ -294,5 +339,6 @@ def generate(
         use_penalty=repetition_penalty != 1.0,
         stop_tokens=tuple(int(s) for s in stop_tokens),
         pad_id=pad_id,
+        stages=default_stages(max_new_tokens) if stages is None else stages,
     )
     return new_tokens

@@ -213,6 +213,23 @@ class Cache:
             layers=take_layers(self.layers, rows),
         )
 
+    def grow(self, max_len: int) -> Cache:
+        """The same cache with ``max_len`` >= S_max slots; the new slots are empty.
+
+        Generation runs its token loop in stages over a growing cache, so each step reads only
+        the slots that can hold a token by the end of its stage (``generate(stages=...)``).
+        """
+        old = self.positions.shape[-1]
+        if max_len < old:
+            raise ValueError(f"a cache can only grow: {old} slots -> {max_len}")
+        extra = max_len - old
+        pad_kv = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
+        return Cache(
+            index=self.index,
+            positions=jnp.pad(self.positions, ((0, 0), (0, extra)), constant_values=EMPTY_POSITION),
+            layers=jax.tree.map(pad_kv, self.layers),
+        )
+
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
