@@ -86,8 +86,12 @@ def prefill(
     B, P = tokens.shape
     cache = decoder_lm.init_cache(cfg, B, cache_len)
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits, cache = decoder_lm.apply(graphdef, params, tokens, positions, cache=cache)  # (B, P, V)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    hidden, cache = decoder_lm.apply(
+        graphdef, params, tokens, positions, cache=cache, return_hidden=True
+    )  # (B, P, D)
+    # only each row's last prompt position needs logits: B rows through the head, not B * P
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+    last = decoder_lm.output_head(graphdef, params)(last)[:, 0]  # (B, V)
     # slots past each prompt hold padding: mark them empty and write the next token there
     slot = jnp.arange(cache_len, dtype=jnp.int32)
     cache = cache.replace(
