@@ -94,6 +94,20 @@ def test_scanned_layers_give_the_same_beams(marian):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_staged_loop_over_a_growing_cache_matches_hf(marian, scan):
+    model, cfg, graphdef, params = marian
+    if scan:
+        cfg, graphdef, params = ed.relayout(cfg, params, scan_layers=True)
+    want = _hf_beam(model, _src(), num_beams=4, alpha=0.6, max_len=MAX_LEN)
+    kw = dict(beam_size=4, alpha=0.6, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS,
+              length_penalty="power", return_scores=True)  # fmt: skip
+    tokens, scores = beam_search(graphdef, params, cfg, _src(), stages=3, **kw)
+    np.testing.assert_array_equal(np.asarray(tokens), want)
+    _, one_loop = beam_search(graphdef, params, cfg, _src(), stages=1, **kw)
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(one_loop), rtol=1e-6)
+
+
 def _naive_greedy(graphdef, params, src, max_len):
     """Re-runs the full model on the growing target and takes the argmax, per sentence."""
     rows = []
@@ -198,3 +212,5 @@ def test_bad_inputs(marian):
         beam_search(graphdef, params, cfg, _src(), length_penalty="hf", **kw)
     with pytest.raises(ValueError, match="for decoder-only LMs use"):
         beam_search(graphdef, params, object(), _src(), **kw)
+    with pytest.raises(ValueError, match="stages must be >= 1"):
+        beam_search(graphdef, params, cfg, _src(), stages=0, **kw)

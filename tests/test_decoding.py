@@ -152,7 +152,7 @@ def test_staged_loop_over_a_growing_cache_equals_naive_greedy(variant):
 )
 def test_stage_plan_gives_every_step_the_slots_it_reads(P, N, cache_len, stages):
     ends, sizes = gen.stage_plan(P, N, cache_len, stages)
-    assert ends[-1] == max(N, 1) and sizes[-1] == cache_len
+    assert ends[-1] == N and sizes[-1] == cache_len
     assert ends == sorted(set(ends)) and sizes == sorted(sizes)
     assert len(ends) == min(stages, max(N - 1, 1))
     start = 1

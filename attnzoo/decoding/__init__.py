@@ -1,7 +1,7 @@
 """Decoding: sampling-based generation for decoder LMs and beam search for translation.
 
-Both run as one compiled program (prefill, then a ``lax.while_loop`` over new tokens with the
-models' functional KV caches); ``cli`` wraps them as ``attnzoo-generate``,
+Both run as one compiled program (prefill, then ``lax.while_loop``s over new tokens with the
+models' functional KV caches, in stages over a growing cache: ``stages``); ``cli`` wraps them as ``attnzoo-generate``,
 ``attnzoo-translate`` and ``attnzoo-eval``.
 """
 

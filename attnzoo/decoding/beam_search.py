@@ -1,4 +1,4 @@
-"""Beam search for encoder-decoder translation, as one compiled ``lax.while_loop``.
+"""Beam search for encoder-decoder translation, as one compiled program of ``while_loop``s.
 
 The paper (Vaswani et al. 2017, section 6.1) decodes with beam 4 and the GNMT length penalty
 ``lp(len) = ((5 + len) / 6) ** alpha`` with alpha 0.6 (Wu et al. 2016, eq. 14), stopping early
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnzoo.decoding.stages import default_stages, stage_ends
 from attnzoo.models import encoder_decoder as ed
 from attnzoo.models.layers import few_row_matmuls
 
@@ -59,6 +60,7 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
         "pad_id",
         "kind",
         "early_stopping",
+        "stages",
     ),
 )
 def _beam_search(
@@ -76,14 +78,17 @@ def _beam_search(
     pad_id: int,
     kind: str,
     early_stopping: bool,
+    stages: int,
 ) -> tuple[jax.Array, jax.Array]:
     B, K, V = src_tokens.shape[0], beam_size, cfg.vocab_size
     encoded = ed.encode(graphdef, params, src_tokens, src_segment_ids)  # (B, S, D)
     # every beam of a row decodes against the same source: rows b*K .. b*K+K-1
     encoded = jnp.repeat(encoded, K, axis=0)  # (B*K, S, D)
     src_segment_ids = jnp.repeat(src_segment_ids, K, axis=0)  # (B*K, S)
+    # step t writes self-attention slot t: a stage ending before step e needs e slots
+    ends = stage_ends(0, max_len, stages)
     cache = ed.fill_cross_cache(
-        graphdef, params, ed.init_cache(cfg, B * K, max_len), encoded
+        graphdef, params, ed.init_cache(cfg, B * K, ends[0]), encoded
     )  # cross K/V projected once here, reused every step
     batch_axis = 1 if cfg.scan_layers else 0  # scanned caches carry a leading layer axis
 
@@ -136,10 +141,13 @@ def _beam_search(
         open_ &= jnp.any(best_live[:, None] > worst_fin, axis=-1)
         return t + 1, live, run_scores, fin, fin_scores, fin_flags, open_, jnp.all(hits), cache
 
-    def cond(state):
-        t, *_, fin_flags, open_, all_hit, _ = state
-        settled = jnp.all(fin_flags) & early_stopping
-        return (t < max_len) & jnp.any(open_) & ~settled & ~all_hit
+    def cond(end):
+        def stage_cond(state):
+            t, *_, fin_flags, open_, all_hit, _ = state
+            settled = jnp.all(fin_flags) & early_stopping
+            return (t < end) & jnp.any(open_) & ~settled & ~all_hit
+
+        return stage_cond
 
     seqs = jnp.full((B, K, max_len), pad_id, jnp.int32)
     state = (
@@ -153,7 +161,10 @@ def _beam_search(
         jnp.bool_(False),
         cache,
     )
-    _, _, _, fin, fin_scores, *_ = jax.lax.while_loop(cond, body, state)
+    for end in ends:  # stages over a growing self-attention cache
+        state = (*state[:-1], state[-1].grow(end))
+        state = jax.lax.while_loop(cond(end), body, state)
+    _, _, _, fin, fin_scores, *_ = state
     return fin[:, 0], fin_scores[:, 0]
 
 
@@ -173,6 +184,7 @@ def beam_search(
     length_penalty: str = "gnmt",
     early_stopping: bool = True,
     return_scores: bool = False,
+    stages: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Translates a batch: src_tokens [B, S] -> best target tokens [B, max_len].
 
@@ -185,6 +197,9 @@ def beam_search(
         (Hugging Face's).
       early_stopping: stop a row once it has ``beam_size`` finished hypotheses.
       return_scores: also return the winners' penalised log-probabilities [B].
+      stages: the loop runs in this many stages over a growing self-attention cache, each step
+        reading only the slots its stage can have filled (``attnzoo.decoding.stages``; each
+        stage compiles its own loop body). Default ``stages.default_stages(max_len)``.
     Returns:
       tokens [B, max_len] ending in ``eos_id`` (unless cut at ``max_len``), then ``pad_id``.
     """
@@ -199,6 +214,8 @@ def beam_search(
         raise ValueError(
             f"unknown length_penalty {length_penalty!r}; valid: {', '.join(LENGTH_PENALTIES)}"
         )
+    if stages is not None:
+        stage_ends(0, max_len, stages)  # validates
     if 2 * beam_size > cfg.vocab_size:
         raise ValueError(f"beam_size {beam_size} needs a vocabulary of >= {2 * beam_size} tokens")
     if cfg.position.kind == "learned" and max_len > cfg.position.max_len:
@@ -228,5 +245,6 @@ def beam_search(
         pad_id=pad_id,
         kind=length_penalty,
         early_stopping=early_stopping,
+        stages=default_stages(max_len) if stages is None else stages,
     )
     return (tokens, scores) if return_scores else tokens

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.decoding import sampling
+from attnzoo.decoding.stages import default_stages, stage_ends
 from attnzoo.models import decoder_lm
 from attnzoo.models.layers import few_row_matmuls
 from attnzoo.models.mha import EMPTY_POSITION
@@ -218,16 +219,6 @@ def _generate(
     return out, steps
 
 
-def default_stages(max_new_tokens: int) -> int:
-    """One stage per 32 new tokens, at most 4.
-
-    Each stage compiles its own loop body. ``lm_generate`` (128 new tokens after a 16-token
-    prompt, 2-core dev CPU, in-process A/B over 20 alternating calls): 4 stages are 11% faster
-    than 1 (2, 7%; 8, no faster than 4); first call 4.8 s instead of 3.2 s.
-    """
-    return max(1, min(4, max_new_tokens // 32))
-
-
 def stage_plan(
     prompt_len: int, max_new_tokens: int, cache_len: int, stages: int
 ) -> tuple[list[int], list[int]]:
@@ -236,12 +227,9 @@ def stage_plan(
     Step ``t`` (1 .. N-1; token 0 comes from the prefill) reads cache slots below
     ``P + t``, so a stage ending before step ``e`` needs only ``P + e - 1`` slots; the last
     stage has all ``cache_len``. Each step's attention then reads the slots its stage can have
-    filled instead of the whole cache: decode steps are memory-bound, and on the 2-core dev
-    CPU every 64 cache slots add ~0.7 ms to a ~4 ms ``lm_generate`` step.
+    filled instead of the whole cache (see ``attnzoo.decoding.stages``).
     """
-    n_steps = max_new_tokens - 1
-    stages = max(1, min(stages, n_steps))
-    ends = sorted({1 + -(-n_steps * (j + 1) // stages) for j in range(stages)})
+    ends = stage_ends(1, max_new_tokens, stages)
     sizes = [prompt_len + e - 1 for e in ends[:-1]] + [cache_len]
     return ends, sizes
 
@@ -278,7 +266,7 @@ def generate(
       cache_len: KV-cache slots (default: the longest prompt + ``max_new_tokens``).
       stages: the token loop runs in this many stages over a growing cache, each step
         attending only over the slots its stage can have filled (``stage_plan``); each stage
-        compiles its own loop body. Default ``default_stages(max_new_tokens)``.
+        compiles its own loop body. Default ``stages.default_stages(max_new_tokens - 1)``.
 
     Compiles once per (config, batch, prompt length, max_new_tokens, sampler, top_k,
     stop_tokens, stages); temperature, top_p, min_p and the penalty are runtime values. Pad
@@ -291,8 +279,8 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if stages is not None and stages < 1:
-        raise ValueError(f"stages must be >= 1 (1 = one loop over the whole cache), got {stages}")
+    if stages is not None:
+        stage_ends(1, max_new_tokens, stages)  # validates
     if temperature == 0:
         sampler = "greedy"
     sampling.validate(
@@ -343,6 +331,6 @@ def generate(
         use_penalty=repetition_penalty != 1.0,
         stop_tokens=tuple(int(s) for s in stop_tokens),
         pad_id=pad_id,
-        stages=default_stages(max_new_tokens) if stages is None else stages,
+        stages=default_stages(max_new_tokens - 1) if stages is None else stages,
     )
     return new_tokens

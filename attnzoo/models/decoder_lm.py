@@ -26,7 +26,7 @@ from flax import nnx, struct
 from attnzoo.models import masks
 from attnzoo.models.blocks import Block, validate_config
 from attnzoo.models.layers import Dense, Embed, LinearHead, Norm, normal
-from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
+from attnzoo.models.mha import EMPTY_POSITION, KVCache, grow_slots, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
 from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_layers
 
@@ -217,18 +217,10 @@ class Cache:
         """The same cache with ``max_len`` >= S_max slots; the new slots are empty.
 
         Generation runs its token loop in stages over a growing cache, so each step reads only
-        the slots that can hold a token by the end of its stage (``generate(stages=...)``).
+        the slots that can hold a token by the end of its stage (``attnzoo.decoding.stages``).
         """
-        old = self.positions.shape[-1]
-        if max_len < old:
-            raise ValueError(f"a cache can only grow: {old} slots -> {max_len}")
-        extra = max_len - old
-        pad_kv = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
-        return Cache(
-            index=self.index,
-            positions=jnp.pad(self.positions, ((0, 0), (0, extra)), constant_values=EMPTY_POSITION),
-            layers=jax.tree.map(pad_kv, self.layers),
-        )
+        positions, layers = grow_slots(self.positions, self.layers, max_len)
+        return Cache(index=self.index, positions=positions, layers=layers)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:

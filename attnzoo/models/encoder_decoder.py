@@ -28,7 +28,7 @@ from attnzoo.models import masks
 from attnzoo.models.blocks import Block, validate_config
 from attnzoo.models.decoder_lm import final_norm, positions_from_segments
 from attnzoo.models.layers import Dense, Embed, LinearHead, normal, param
-from attnzoo.models.mha import EMPTY_POSITION, KVCache, write_positions
+from attnzoo.models.mha import EMPTY_POSITION, KVCache, grow_slots, write_positions
 from attnzoo.models.positional import PositionConfig, make_encoding
 from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_layers
 
@@ -183,6 +183,13 @@ class Cache:
             layers=take_layers(self.layers, rows),
             cross=take_layers(self.cross, rows),
         )
+
+    def grow(self, max_len: int) -> Cache:
+        """The same cache with ``max_len`` >= T_max self-attention slots, the new ones empty
+        (the cross-attention K/V keep the source length). Beam search grows it between the
+        stages of its loop (``attnzoo.decoding.stages``)."""
+        positions, layers = grow_slots(self.positions, self.layers, max_len)
+        return self.replace(positions=positions, layers=layers)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:

@@ -60,6 +60,21 @@ class KVCache:
         )
 
 
+def grow_slots(positions: jax.Array, layers, max_len: int):
+    """A self-attention cache with ``max_len`` >= S_max slots, the new ones empty.
+
+    positions [B, S_max] (padded with ``EMPTY_POSITION``) and ``layers``, any pytree of
+    ``KVCache`` whose leaves are [..., S_max, H] (zero-padded) -> (positions, layers).
+    """
+    old = positions.shape[-1]
+    if max_len < old:
+        raise ValueError(f"a cache can only grow: {old} slots -> {max_len}")
+    extra = max_len - old
+    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
+    positions = jnp.pad(positions, ((0, 0), (0, extra)), constant_values=EMPTY_POSITION)
+    return positions, jax.tree.map(pad, layers)
+
+
 def write_positions(positions: jax.Array, new_positions: jax.Array, index: jax.Array) -> jax.Array:
     """positions [B, S_max], new_positions [B, T], index [B] -> updated positions [B, S_max]."""
     put = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
