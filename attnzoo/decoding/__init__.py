@@ -1,8 +1,8 @@
 """Decoding: sampling-based generation for decoder LMs and beam search for translation.
 
 Both run as one compiled program (prefill, then ``lax.while_loop``s over new tokens with the
-models' functional KV caches, in stages over a growing cache: ``stages``); ``cli`` wraps them as ``attnzoo-generate``,
-``attnzoo-translate`` and ``attnzoo-eval``.
+models' functional KV caches, in stages over a growing cache: ``stages``); ``cli`` wraps them
+as ``attnzoo-generate``, ``attnzoo-translate`` and ``attnzoo-eval``.
 """
 
 from attnzoo.decoding import sampling
