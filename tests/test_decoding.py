@@ -64,9 +64,10 @@ def test_cached_logits_equal_full_forward_every_step(variant):
     cfg = _cfg(kind, **VARIANTS[variant])
     graphdef, params = decoder_lm.init(cfg, jax.random.key(1))
     tokens, lengths = gen.pad_prompts(PROMPTS)
-    n_steps, cache_len = 6, tokens.shape[1] + 6
+    # the cache starts with room for 3 steps and grows once (as between generate's stages)
+    n_steps, grow_at = 6, 3
     forced = np.asarray(jax.random.randint(jax.random.key(2), (len(PROMPTS), n_steps), 1, 64))
-    prefill = jax.jit(partial(gen.prefill, graphdef, cfg=cfg, cache_len=cache_len))
+    prefill = jax.jit(partial(gen.prefill, graphdef, cfg=cfg, cache_len=tokens.shape[1] + 3))
     step = jax.jit(partial(gen.decode_step, graphdef))
 
     logits, cache = prefill(params, tokens=tokens, lengths=lengths)
@@ -77,6 +78,8 @@ def test_cached_logits_equal_full_forward_every_step(variant):
             np.testing.assert_allclose(np.asarray(logits[b]), want, atol=1e-5, rtol=1e-5)
         if t == n_steps:
             break
+        if t == grow_at:
+            cache = cache.grow(tokens.shape[1] + n_steps)
         logits, cache = step(params, forced[:, t], jnp.asarray(lengths + t), cache)
         for seq, tok in zip(seqs, forced[:, t], strict=True):
             seq.append(int(tok))
@@ -159,6 +162,8 @@ def test_stage_plan_gives_every_step_the_slots_it_reads(P, N, cache_len, stages)
     for end, size in zip(ends, sizes, strict=True):
         # step t writes slot <= P + t - 1 and attends to slots < P + t; the prefill needs P
         assert all(P + t <= size for t in range(start, end)) and P <= size
+        if end < ends[-1]:  # and no bigger than that: only the last stage has the whole cache
+            assert size == max(P, *(P + t for t in range(start, end)))
         start = end
 
 

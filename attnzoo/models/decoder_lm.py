@@ -220,7 +220,7 @@ class Cache:
         the slots that can hold a token by the end of its stage (``attnzoo.decoding.stages``).
         """
         positions, layers = grow_slots(self.positions, self.layers, max_len)
-        return Cache(index=self.index, positions=positions, layers=layers)
+        return self.replace(positions=positions, layers=layers)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:

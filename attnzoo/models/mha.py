@@ -70,6 +70,8 @@ def grow_slots(positions: jax.Array, layers, max_len: int):
     if max_len < old:
         raise ValueError(f"a cache can only grow: {old} slots -> {max_len}")
     extra = max_len - old
+    if not extra:
+        return positions, layers
     pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
     positions = jnp.pad(positions, ((0, 0), (0, extra)), constant_values=EMPTY_POSITION)
     return positions, jax.tree.map(pad, layers)
