@@ -1,6 +1,6 @@
 """lm_generate: batch 8, prompt 16, 128 greedy new tokens, decoder LM V=8192 d=256 L=4 H=4 ff=1024.
 
-The whole generation (one prefill pass, then a ``lax.while_loop`` over the KV cache) is one
+The whole generation (one prefill pass, then ``lax.while_loop``s over a growing KV cache) is one
 compiled program; ``compile_s`` is the first call, ``value`` the median over repeated calls.
 Usage: python -m benchmarks.lm_generate
 """
