@@ -143,9 +143,9 @@ print({k: round(v, 3) for k, v in eval_metrics.items()})
 # ## Generate
 #
 # `attnzoo.decoding.generate` runs the whole sampling loop as one jitted program
-# (`lax.while_loop`s over a growing KV cache). Each training document starts with the BOS token, so prompts do too. After a few
-# hundred steps the model has learned the shape of a play (names in capitals, line breaks,
-# verse-like rhythm); the words come later.
+# (`lax.while_loop`s over a growing KV cache). Each training document starts with the BOS
+# token, so prompts do too. After a few hundred steps the model has learned the shape of a
+# play (names in capitals, line breaks, verse-like rhythm); the words come later.
 
 # %%
 prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in ("ROMEO:", "First Citizen:\n")]
