@@ -1,7 +1,7 @@
 """Runs attnzoo's benchmarks and the PyTorch peer side by side and reports ratios.
 
     python -m benchmarks.run [--only lm_train,mt_train,lm_generate,attention,compile]
-                             [--rounds 2] [--no-peers] [--markdown benchmarks/RESULTS.md]
+                             [--rounds 3] [--no-peers] [--markdown benchmarks/RESULTS.md]
 
 The machine's float32 matmul peak is measured first (best library's median, as
 ``shared/bench/matmul_peak.py`` does) and exported as ``PEAK_GFLOPS`` so every record carries
@@ -184,7 +184,7 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", default=",".join(TASKS), help="comma-separated tasks")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-peers", action="store_true", help="run only attnzoo")
     p.add_argument("--no-compile-peer", action="store_true", help="skip torch.compile")
     p.add_argument("--markdown", default=None, help="write a markdown table here")
