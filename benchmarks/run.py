@@ -1,4 +1,8 @@
-"""Runs attnzoo's benchmarks and the PyTorch peer side by side and reports ratios.
+"""Runs attnzoo's benchmarks and the peers side by side and reports ratios.
+
+The peers: PyTorch eager and ``torch.compile`` (``shared/bench/torch_peer.py``) and the Flax
+Linen reference decoder (``benchmarks/flax_peer.py``, lm1b-style, for ``lm_train`` and
+``lm_generate``).
 
     python -m benchmarks.run [--only lm_train,mt_train,lm_generate,attention,compile]
                              [--rounds 3] [--no-peers] [--markdown benchmarks/RESULTS.md]
@@ -27,13 +31,19 @@ SHARED = ROOT.parent / "shared" / "bench"
 TASKS = ("lm_train", "mt_train", "lm_generate", "memory_floor", "attention", "compile")
 OURS = {t: f"benchmarks.{t}" for t in TASKS}
 PEER_TASKS = ("lm_train", "mt_train", "lm_generate")  # what torch_peer.py measures
+FLAX_TASKS = ("lm_train", "lm_generate")  # what benchmarks/flax_peer.py measures
 # The higher-is-better metric each task is compared on.
 MAIN_METRIC = {
     "lm_train": "train_tokens_per_s",
     "mt_train": "train_tokens_per_s",
     "lm_generate": "gen_tokens_per_s",
 }
-TARGETS = {"lm_train": ("torch-eager", 1.1), "mt_train": ("torch-eager", 1.2)}
+TARGETS = {
+    "lm_train": ("torch-eager", 1.1),
+    "mt_train": ("torch-eager", 1.2),
+    "lm_generate": ("flax-linen", 2.5),  # the issue's 3,000 tokens/s = 2.5x the Flax reference
+}
+PEERS = ("attnzoo", "flax-linen", "torch-eager", "torch-eager+malloc", "torch-compile")
 # attnzoo's CLIs and benchmarks keep freed memory in-process (attnzoo.runtime.tune_host_allocator);
 # the same glibc settings as environment variables, so the torch peer can be measured with them
 # too ("torch-eager+malloc"): the ratio to the protocol's default-environment peer is the target,
@@ -119,7 +129,8 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
         "`benchmarks/results.jsonl`. Only ratios within one run are comparable. "
         "`torch-eager+malloc` is the same PyTorch peer run with the glibc settings that "
         "attnzoo applies to itself (`attnzoo.runtime.tune_host_allocator`), for reference; "
-        "targets are against the protocol's peer in its default environment.",
+        "targets are against the protocol's peer in its default environment. `flax-linen` is "
+        "the Flax reference decoder (`benchmarks/flax_peer.py`, written as Flax's lm1b example).",
         "",
         "| task | peer | value | unit | MFU | ratio attnzoo / peer | target |",
         "|---|---|---:|---|---:|---:|---|",
@@ -128,7 +139,7 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
         if task not in MAIN_METRIC:
             continue
         ours = _best(records, "attnzoo", task)
-        for peer in ("attnzoo", "torch-eager", "torch-eager+malloc", "torch-compile"):
+        for peer in PEERS:
             r = _best(records, peer, task)
             if r is None:
                 continue
@@ -207,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             records += _run([sys.executable, "-m", OURS[task]], env)
             if args.no_peers or task not in PEER_TASKS:
                 continue
+            if task in FLAX_TASKS:
+                records += _run([sys.executable, "-m", "benchmarks.flax_peer", task], env)
             if task != "lm_generate" or rnd == 0:  # torch generates without a cache: slow
                 records += _run(peer + [task], env)
             if task != "lm_generate":
