@@ -140,15 +140,22 @@ def lm_generate() -> dict:
             return i + 1, seqs, new["cache"]
 
         _, seqs, _ = jax.lax.while_loop(lambda s: s[0] < L - 1, body, (0, seqs, cache))
-        return seqs[:, P:]
+        return seqs
 
     def run():
         return generate(params, prompts)
 
     t0 = time.perf_counter()
-    out = jax.block_until_ready(run())
+    seqs = jax.block_until_ready(run())
     compile_s = time.perf_counter() - t0
-    assert out.shape == (B, N)
+    # The peer must be a correct greedy decoder, or the ratio means nothing: its cached tokens
+    # are the argmax of one full (uncached) forward pass over the finished sequences.
+    full = jnp.argmax(DecoderLM().apply({"params": params}, seqs)[:, P - 1 : L - 1], axis=-1)
+    agree = float(jnp.mean(full == seqs[:, P:]))
+    if agree < 0.99:
+        raise AssertionError(
+            f"flax peer: cached greedy tokens disagree with the full pass ({agree})"
+        )
     med, ts = timeit(run, warmup=1, iters=10, sync=jax.block_until_ready)
     _, n = lm_flops_per_token()
     return emit(
@@ -164,6 +171,7 @@ def lm_generate() -> dict:
             compile_s=round(compile_s, 2),
             call_s_median=round(med, 4),
             best_tokens_per_s=round(B * N / min(ts), 1),
+            agrees_with_full_pass=agree,
         ),
     )
 
