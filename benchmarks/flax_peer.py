@@ -17,7 +17,6 @@ entropy, one jitted step with donated state.
 from __future__ import annotations
 
 import sys
-import time
 from functools import partial
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from benchmarks.protocol import LM, LR, emit, lm_flops_per_token, timeit
+from benchmarks.protocol import LM, LR, emit, first_call, lm_flops_per_token, timeit
 
 
 class Block(nn.Module):
@@ -95,9 +94,7 @@ def lm_train() -> dict:
         state[0], state[1], loss = step(state[0], state[1])
         return loss
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    first = time.perf_counter() - t0
+    _, first = first_call(run, sync=jax.block_until_ready)
     med, ts = timeit(run, warmup=2, iters=12, sync=jax.block_until_ready)
     fpt, _ = lm_flops_per_token()
     return emit(
@@ -145,9 +142,7 @@ def lm_generate() -> dict:
     def run():
         return generate(params, prompts)
 
-    t0 = time.perf_counter()
-    seqs = jax.block_until_ready(run())
-    compile_s = time.perf_counter() - t0
+    seqs, compile_s = first_call(run, sync=jax.block_until_ready)
     # The peer must be a correct greedy decoder, or the ratio means nothing: its cached tokens
     # are the argmax of one full (uncached) forward pass over the finished sequences.
     full = jnp.argmax(DecoderLM().apply({"params": params}, seqs)[:, P - 1 : L - 1], axis=-1)

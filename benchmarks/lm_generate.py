@@ -7,8 +7,6 @@ Usage: python -m benchmarks.lm_generate
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,7 @@ from attnzoo import runtime
 from attnzoo.decoding import generate
 from attnzoo.models import decoder_lm
 from benchmarks.lm_train import config
-from benchmarks.protocol import LM, emit, lm_flops_per_token, timeit
+from benchmarks.protocol import LM, emit, first_call, lm_flops_per_token, timeit
 
 
 def main(peer: str = "attnzoo") -> dict:
@@ -29,9 +27,7 @@ def main(peer: str = "attnzoo") -> dict:
     def run():
         return generate(graphdef, params, cfg, prompts, max_new_tokens=N)
 
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(run())
-    compile_s = time.perf_counter() - t0
+    out, compile_s = first_call(run, sync=jax.block_until_ready)
     assert out.shape == (B, N)
     med, ts = timeit(run, warmup=1, iters=10, sync=jax.block_until_ready)
     _, n = lm_flops_per_token()

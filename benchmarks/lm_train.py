@@ -6,8 +6,6 @@ Usage: python -m benchmarks.lm_train
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -16,7 +14,7 @@ from attnzoo import runtime
 from attnzoo.models import decoder_lm
 from attnzoo.models.positional import PositionConfig
 from attnzoo.training import losses
-from benchmarks.protocol import LM, LR, emit, lm_flops_per_token, timeit
+from benchmarks.protocol import LM, LR, emit, first_call, lm_flops_per_token, timeit
 
 
 def config(n_layers: int = LM["n_layers"], scan_layers: bool | None = None) -> decoder_lm.Config:
@@ -70,9 +68,7 @@ def main(peer: str = "attnzoo") -> dict:
         state[0], state[1], loss = step(state[0], state[1], inputs, targets)
         return loss
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    first = time.perf_counter() - t0
+    _, first = first_call(run, sync=jax.block_until_ready)
     med, ts = timeit(run, warmup=2, iters=12, sync=jax.block_until_ready)
     fpt, _ = lm_flops_per_token()
     n_params = sum(p.size for p in jax.tree.leaves(state[0]))

@@ -7,15 +7,13 @@ Usage: python -m benchmarks.mt_train
 
 from __future__ import annotations
 
-import time
-
 import jax
 import optax
 
 from attnzoo import runtime
 from attnzoo.models import encoder_decoder
 from benchmarks.lm_train import mean_cross_entropy
-from benchmarks.protocol import LR, MT, emit, mt_flops_per_tgt_token, timeit
+from benchmarks.protocol import LR, MT, emit, first_call, mt_flops_per_tgt_token, timeit
 
 
 def config() -> encoder_decoder.Config:
@@ -56,9 +54,7 @@ def main(peer: str = "attnzoo") -> dict:
         state[0], state[1], loss = step(state[0], state[1], src, tgt[:, :-1], tgt[:, 1:])
         return loss
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    first = time.perf_counter() - t0
+    _, first = first_call(run, sync=jax.block_until_ready)
     med, ts = timeit(run, warmup=2, iters=12, sync=jax.block_until_ready)
     fpt, _ = mt_flops_per_tgt_token()
     n_params = sum(p.size for p in jax.tree.leaves(state[0]))

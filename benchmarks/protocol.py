@@ -49,6 +49,13 @@ def peak_flops() -> float | None:
     return float(v) * 1e9 if v else None
 
 
+def first_call(fn: Callable, sync=lambda r: r):
+    """Runs ``fn`` once (the call that compiles) -> (its result, seconds it took)."""
+    t0 = time.perf_counter()
+    out = sync(fn())
+    return out, time.perf_counter() - t0
+
+
 def timeit(fn: Callable, warmup: int = 3, iters: int = 10, sync=lambda r: r):
     for _ in range(warmup):
         sync(fn())
