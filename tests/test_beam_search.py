@@ -106,27 +106,38 @@ def test_staged_loop_over_a_growing_cache_matches_hf(marian):
 
 
 def _naive_greedy(graphdef, params, src, max_len):
-    """Re-runs the full model on the growing target and takes the argmax, per sentence."""
+    """Re-runs the full model on the growing target and takes the argmax, per sentence.
+
+    Each sentence goes in alone, without source padding. The target sits in a fixed-length
+    buffer (one compilation per source length, not per step): causal attention keeps the
+    unfilled tail from influencing position t.
+    """
+    apply = jax.jit(lambda p, s, t: ed.apply(graphdef, p, s, t))
     rows = []
     for s in src:
-        s = s[s != PAD][None]
-        tgt = [BOS]
-        while len(tgt) <= max_len:
-            logits = ed.apply(graphdef, params, jnp.asarray(s), jnp.asarray([tgt]))
-            tgt.append(int(jnp.argmax(logits[0, -1])))
-            if tgt[-1] == EOS:
+        s = jnp.asarray(s[s != PAD][None])
+        tgt = np.full((1, max_len + 1), PAD, np.int32)
+        tgt[0, 0] = BOS
+        for t in range(max_len):
+            tgt[0, t + 1] = int(jnp.argmax(apply(params, s, tgt)[0, t]))
+            if tgt[0, t + 1] == EOS:
                 break
-        rows.append(tgt[1:] + [PAD] * (max_len + 1 - len(tgt)))
+        rows.append(tgt[0, 1:])  # PAD after EOS, as beam_search pads
     return np.asarray(rows)
 
 
 def test_beam_one_is_greedy(marian):
     _, cfg, graphdef, params = marian
+    # Doubled weight matrices: greedy on the fixture itself emits one token throughout, which
+    # any decoder stuck on a single token would also pass.
+    params = jax.tree.map(lambda x: 2 * x if x.ndim >= 2 else x, params)
     src = _src()
+    want = _naive_greedy(graphdef, params, src, MAX_LEN)
+    assert len({tuple(r) for r in want}) > 2 and len(set(want[0])) > 1
     ours = beam_search(
         graphdef, params, cfg, src, beam_size=1, max_len=MAX_LEN, eos_id=EOS, bos_id=BOS
     )
-    np.testing.assert_array_equal(np.asarray(ours), _naive_greedy(graphdef, params, src, MAX_LEN))
+    np.testing.assert_array_equal(np.asarray(ours), want)
 
 
 def _greedy_full_forward(graphdef, params, src, max_len):
