@@ -28,11 +28,14 @@ def f(x):
 x = jnp.ones((2048, 4096), jnp.float32) * 1e-3
 for _ in range(3):
     f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+counts = []
+for _ in range(7):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps({"tuned": tuned, "faults_per_call": faults}))
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# the median call: one call whose pages the kernel reclaimed meanwhile (this VM runs DAMON)
+# re-faults them, tuned or not, and pushed a mean over the threshold in one CI-like run
+print(json.dumps({"tuned": tuned, "faults_per_call": sorted(counts)[3], "all": counts}))
 """
 
 
