@@ -1,13 +1,24 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and shared compiled fixtures."""
 
 import os
+import pathlib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep compile times down on 2 cores; correctness does not depend on these.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One on-disk compilation cache: the xdist workers and the subprocesses the CLI, checkpoint,
+# multi-host and notebook tests start (they inherit this environment) load the programs that
+# another one already compiled, e.g. the resumed run's train step in the SIGKILL test. Only
+# compiles over JAX's default second are stored: caching every eager op too (thousands of
+# millisecond compiles) cost as much as it saved.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
+# Prepared datasets and trained tokenizers, shared the same way (the library's file locks make
+# concurrent first preparations safe), instead of the user's ~/attnzoo_data.
+os.environ.setdefault("ATTNZOO_DATA_DIR", str(ROOT / ".pytest_cache" / "attnzoo_data"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -41,8 +41,9 @@ def test_get_tokenizer_bad_options():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("attnzoo_data"))
+def data_dir():
+    # The suite's shared data dir (conftest): mt_tiny's tokenizer, trained once per test run.
+    return data.default_data_dir()
 
 
 @pytest.fixture(scope="module")

@@ -36,20 +36,41 @@ def lm():
     return cfg, graphdef, params
 
 
-def _full_logits(graphdef, params, seq):
-    return np.asarray(decoder_lm.apply(graphdef, params, jnp.asarray([seq], jnp.int32))[0])
+REF_LEN = 16  # every reference sequence fits: one compilation per model
 
 
-def _naive_greedy(graphdef, params, prompt, n, stop=()):
-    """Re-runs the whole model on the growing sequence and takes the argmax each step."""
-    seq, out = list(prompt), []
-    for _ in range(n):
-        tok = int(np.argmax(_full_logits(graphdef, params, seq)[-1]))
-        out.append(tok)
-        seq.append(tok)
-        if tok in stop:
-            break
-    return out + [0] * (n - len(out))
+@partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, tokens):
+    return decoder_lm.apply(graphdef, params, tokens)
+
+
+def _next_logits(graphdef, params, seqs):
+    """Next-token logits after each sequence, from full forward passes without a cache: [B, V].
+
+    Rows are right-padded to REF_LEN so that one compilation serves every call; causal
+    attention keeps the padding out of each row's real positions.
+    """
+    tokens = np.zeros((len(seqs), REF_LEN), np.int32)
+    for row, seq in zip(tokens, seqs, strict=True):
+        row[: len(seq)] = seq
+    logits = np.asarray(_forward(graphdef, params, jnp.asarray(tokens)))
+    return logits[np.arange(len(seqs)), [len(seq) - 1 for seq in seqs]]
+
+
+def _naive_greedy(graphdef, params, prompts, n, stop=()):
+    """Re-runs the whole model on the growing sequences and takes the argmax each step.
+
+    Returns [B, n] new tokens, 0 after a row's stop token.
+    """
+    seqs, out = [list(p) for p in prompts], np.zeros((len(prompts), n), np.int32)
+    done = np.zeros(len(prompts), bool)
+    for t in range(n):
+        for b, tok in enumerate(np.argmax(_next_logits(graphdef, params, seqs), axis=-1)):
+            if not done[b]:
+                out[b, t] = tok
+                seqs[b].append(int(tok))
+                done[b] = int(tok) in stop
+    return out
 
 
 VARIANTS = {kind: {} for kind in positional.kinds()} | {
@@ -73,9 +94,8 @@ def test_cached_logits_equal_full_forward_every_step(variant):
     logits, cache = prefill(params, tokens=tokens, lengths=lengths)
     seqs = [list(p) for p in PROMPTS]
     for t in range(n_steps + 1):
-        for b, seq in enumerate(seqs):
-            want = _full_logits(graphdef, params, seq)[-1]
-            np.testing.assert_allclose(np.asarray(logits[b]), want, atol=1e-5, rtol=1e-5)
+        want = _next_logits(graphdef, params, seqs)
+        np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
         if t == n_steps:
             break
         if t == grow_at:
@@ -88,7 +108,7 @@ def test_cached_logits_equal_full_forward_every_step(variant):
 def test_greedy_equals_naive_full_model_loop(lm):
     cfg, graphdef, params = lm
     out = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8))
-    want = [_naive_greedy(graphdef, params, p, 8) for p in PROMPTS]
+    want = _naive_greedy(graphdef, params, PROMPTS, 8)
     np.testing.assert_array_equal(out, want)
     assert len({tuple(r) for r in want}) > 1 and any(len(set(r)) > 2 for r in want)
 
@@ -111,12 +131,12 @@ def test_array_prompts_with_lengths_equal_lists(lm):
 
 def test_stop_tokens_pad_the_rest(lm):
     cfg, graphdef, params = lm
-    free = [_naive_greedy(graphdef, params, p, 8) for p in PROMPTS]
+    free = _naive_greedy(graphdef, params, PROMPTS, 8)
     stop = free[0][2]  # row 0 stops at its third token (or earlier if it repeats)
     out = np.asarray(
         gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=8, stop_tokens=(stop,))
     )
-    want = [_naive_greedy(graphdef, params, p, 8, stop=(stop,)) for p in PROMPTS]
+    want = _naive_greedy(graphdef, params, PROMPTS, 8, stop=(stop,))
     np.testing.assert_array_equal(out, want)
     assert (out[0, 3:] == 0).all()
 
@@ -124,7 +144,7 @@ def test_stop_tokens_pad_the_rest(lm):
 @pytest.mark.parametrize("stages", [1, 3])
 def test_loop_exits_once_every_row_has_stopped(lm, stages):
     cfg, graphdef, params = lm
-    free = np.asarray([_naive_greedy(graphdef, params, p, 8) for p in PROMPTS])
+    free = _naive_greedy(graphdef, params, PROMPTS, 8)
     # each row stops at a different step: rows' 1st, 3rd and 2nd tokens (first occurrences)
     stops = (int(free[0, 0]), int(free[1, 2]), int(free[2, 1]))
     tokens, lengths = gen.pad_prompts(PROMPTS)
@@ -135,7 +155,7 @@ def test_loop_exits_once_every_row_has_stopped(lm, stages):
     )  # fmt: skip
     ends = [min(int(np.flatnonzero(np.isin(r, stops))[0]) + 1, 8) for r in free]
     assert int(steps) == max(ends) < 8  # no decoding after the last row stopped
-    want = [_naive_greedy(graphdef, params, p, 8, stop=stops) for p in PROMPTS]
+    want = _naive_greedy(graphdef, params, PROMPTS, 8, stop=stops)
     np.testing.assert_array_equal(np.asarray(out), want)
 
 
@@ -145,7 +165,7 @@ def test_staged_loop_over_a_growing_cache_equals_naive_greedy(variant):
     cfg = _cfg(kind, **VARIANTS.get(variant, {}))
     graphdef, params = decoder_lm.init(cfg, jax.random.key(3))
     out = np.asarray(gen.generate(graphdef, params, cfg, PROMPTS, max_new_tokens=9, stages=4))
-    want = [_naive_greedy(graphdef, params, p, 9) for p in PROMPTS]
+    want = _naive_greedy(graphdef, params, PROMPTS, 9)
     np.testing.assert_array_equal(out, want)
 
 

@@ -38,14 +38,8 @@ def lm_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mt_workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mt")
-    return _train(
-        tmp / "run",
-        "mt_tiny.py",
-        "--config.seq_len=32",
-        "--config.vocab_size=500",
-        f"--config.data_dir={tmp / 'data'}",
-    )
+    # mt_tiny's own tokenizer, in the suite's shared data dir: trained once per test run
+    return _train(tmp_path_factory.mktemp("mt") / "run", "mt_tiny.py", "--config.seq_len=32")
 
 
 def test_generate_cli_prints_prompt_and_the_library_continuation(lm_workdir, capsys):
