@@ -208,9 +208,10 @@ def test_jit_grad_vmap(model, batch):
     src, tgt, src_seg = batch
     eager = ed.apply(g, p, src, tgt, src_seg)
     _close(jax.jit(ed.apply, static_argnums=0)(g, p, src, tgt, src_seg), eager)
+    # vmap and grad under jit: traced the same way, without compiling every op of them eagerly
     rows = jax.vmap(lambda s, t, m: ed.apply(g, p, s[None], t[None], m[None])[0])
-    _close(rows(src, tgt, src_seg), eager)
-    grads = jax.grad(lambda p: jnp.mean(ed.apply(g, p, src, tgt, src_seg) ** 2))(p)
+    _close(jax.jit(rows)(src, tgt, src_seg), eager)
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(ed.apply(g, p, src, tgt, src_seg) ** 2)))(p)
     for path, leaf in nnx.to_flat_state(grads):
         assert np.all(np.isfinite(leaf[...])) and np.any(leaf[...] != 0), path
 

@@ -147,9 +147,11 @@ def test_kv_cache_decoding_with_per_example_write_index():
     # The cache holds exactly the keys of every row's real tokens, at their write slots.
     k_full = mha.k(x)
     k_cached, _ = cache.keys_values()  # (B, S_max, K, H)
-    np.testing.assert_allclose(cache.k[0, :, :6], jnp.swapaxes(k_full[0, :6], 0, 1), atol=1e-6)
-    np.testing.assert_allclose(k_cached[0, :6], k_full[0, :6], atol=1e-6)
-    np.testing.assert_allclose(k_cached[1, :8], k_full[1, :8], atol=1e-6)
+    np.testing.assert_allclose(
+        cache.k[0, :, :6], jnp.swapaxes(k_full[0, :6], 0, 1), atol=1e-6, rtol=1e-6
+    )
+    np.testing.assert_allclose(k_cached[0, :6], k_full[0, :6], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(k_cached[1, :8], k_full[1, :8], atol=1e-6, rtol=1e-6)
 
 
 def test_segment_ids_equal_dense_segment_mask():

@@ -3,13 +3,13 @@
 Each notebook is executed headlessly with nbclient in a kernel running *this* interpreter (the
 venv's python, via a temporary kernelspec), with ``ATTNZOO_NOTEBOOK_QUICK=1`` (few steps) and
 ``MPLBACKEND=Agg``. The kernel inherits this process's environment, so conftest's 8 fake CPU
-devices apply there too and the sharding cells run on a real multi-device mesh.
+devices (and its fast-compile XLA flags) apply there too and the sharding cells run on a real
+multi-device mesh.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import sys
 import time
@@ -21,9 +21,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 # Per cell; the slowest cells train small models on 2 shared CPU cores.
 CELL_TIMEOUT_S = 600
-# The notebooks' CI-sized models are compile-bound on CPU: skipping XLA's expensive LLVM passes
-# halves compile times. Numerics do not depend on it (the notebooks' own checks still run).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Plots each notebook must save when ATTNZOO_NOTEBOOK_FIGURES names a directory.
 FIGURES = {
     "01_quickstart": ["01_loss"],
@@ -72,7 +69,6 @@ def test_notebook_runs(name, kernel_dirs, tmp_path):
         figures=tmp_path / "figures",
         quick=True,
         cell_timeout_s=CELL_TIMEOUT_S,
-        extra_env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()},
     )
     elapsed = time.perf_counter() - start
     print(f"{name}: {elapsed:.1f} s")

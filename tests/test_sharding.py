@@ -79,8 +79,10 @@ def test_same_losses_and_params_as_one_device(runs, name):
     _, state, losses = runs[name]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]  # it trained
+    # Adam divides by sqrt(nu) + eps: a gradient element near eps turns float32 summation-order
+    # differences into ~1e-5 parameter differences; a sharding bug moves them by ~lr = 1e-2.
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
     assert int(state.step) == STEPS
 
 
