@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and shared compiled fixtures."""
+"""Test setup, before jax is imported: 8 fake CPU devices, fast-compile XLA flags, one
+compilation cache and one data dir for the whole run; and shared compiled fixtures."""
 
 import os
 import pathlib
