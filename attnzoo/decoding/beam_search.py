@@ -28,7 +28,7 @@ from flax import nnx
 
 from attnzoo.decoding.stages import default_stages, stage_ends
 from attnzoo.models import encoder_decoder as ed
-from attnzoo.models.layers import few_row_matmuls
+from attnzoo.models.matmul import few_row_matmuls
 
 LENGTH_PENALTIES = ("gnmt", "power")
 # Hugging Face's "impossible" score: adding it (rather than -inf) keeps every score finite.

@@ -25,7 +25,7 @@ from flax import nnx
 from attnzoo.decoding import sampling
 from attnzoo.decoding.stages import default_stages, stage_ends
 from attnzoo.models import decoder_lm
-from attnzoo.models.layers import few_row_matmuls
+from attnzoo.models.matmul import few_row_matmuls
 from attnzoo.models.mha import EMPTY_POSITION
 
 

@@ -11,15 +11,14 @@ relpos, position``.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from attnzoo.models.matmul import linear
 
 Initializer = Callable[..., jax.Array]
 
@@ -50,75 +49,6 @@ def fan_in(in_dims: int = 1) -> Initializer:
     return jax.nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(in_dims)), out_axis=-1
     )
-
-
-_FEW_ROWS = contextvars.ContextVar("attnzoo_few_row_matmuls", default=False)
-
-
-@contextlib.contextmanager
-def few_row_matmuls(enabled: bool = True) -> Iterator[None]:
-    """Dense layers traced inside compute ``y^T = W^T x^T``, weights pre-transposed ``[out, in]``.
-
-    For incremental decoding (a handful of rows per matmul) on CPU. XLA:CPU's dot kernels
-    stream a row-major ``[in, out]`` weight 2-3x slower when the other operand has ~8 rows
-    than a ``[out, in]`` weight producing a ``[out, rows]`` result (``[8, 256] x [256, 8192]``:
-    0.73 -> 0.30 ms; ``[8, 1024] x [1024, 256]``: 0.11 -> 0.06 ms). The transposed weights
-    depend only on the parameters, so inside the generation ``while_loop`` XLA hoists them
-    out and pays the copy once per call; inside a ``lax.scan`` over stacked layers they
-    depend on the layer index and would be re-copied every step, so callers pass
-    ``enabled=False`` there. Mid-size weights run as two half-matmuls, which XLA:CPU schedules
-    on two cores (``_SPLIT_ELEMENTS``). A no-op on other backends, whose compilers choose dot
-    layouts themselves. Results equal the plain einsum up to float32 summation order.
-    """
-    token = _FEW_ROWS.set(enabled and jax.default_backend() == "cpu")
-    try:
-        yield
-    finally:
-        _FEW_ROWS.reset(token)
-
-
-# Few-row weights of this many elements (0.75-8 MB in float32) run as two half-matmuls.
-# A decode step is bound by streaming weights from memory. One core streams a large weight
-# (the [8192, 256] head) at the memory's full rate, so splitting it gains nothing; mid-size
-# weights (QKV [768, 256], MLP [1024, 256] / [256, 1024]) reach half that rate on one core,
-# and XLA:CPU's thunk executor runs two independent halves on two cores at once.
-_SPLIT_ELEMENTS = (3 * 2**16, 2**21)
-
-
-def linear(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """``jnp.einsum(eqn, x, w)`` for ``x``-rows times weight, e.g. ``"btd,dnh->btnh"``.
-
-    Under ``few_row_matmuls`` it runs as a weight-stationary ``[out, in] x [in, rows]`` dot
-    (see there); the answer is the same einsum either way.
-    """
-    if not _FEW_ROWS.get():
-        return jnp.einsum(eqn, x, w)
-    ins, out = eqn.split("->")
-    xs, ws = ins.split(",")
-    rows = "".join(c for c in xs if c not in ws)
-    feats = "".join(c for c in out if c in ws)
-    contracted = "".join(c for c in ws if c in xs and c not in out)
-    if sorted(rows + feats) != sorted(out):
-        return jnp.einsum(eqn, x, w)  # not a plain rows-times-weight product
-    if any(c in xs for c in feats):  # a batch dimension (per-head weights): no 2-D form
-        wt_spec = feats + contracted
-        wt = jax.lax.optimization_barrier(jnp.transpose(w, [ws.index(c) for c in wt_spec]))
-        yt = jax.lax.optimization_barrier(jnp.einsum(f"{wt_spec},{xs}->{feats}{rows}", wt, x))
-        return jnp.transpose(yt, [(feats + rows).index(c) for c in out])
-    size = dict(zip(xs, x.shape, strict=True)) | dict(zip(ws, w.shape, strict=True))
-    F = math.prod(size[c] for c in feats)
-    C = math.prod(size[c] for c in contracted)
-    # Both operands as 2-D matrices in the dot's own order: left to itself, XLA permutes the
-    # (hoisted) weight inside the loop to match x's layout, instead of the tiny x.
-    wt = jnp.transpose(w, [ws.index(c) for c in feats + contracted]).reshape(F, C)
-    xt = jnp.transpose(x, [xs.index(c) for c in contracted + rows]).reshape(C, -1)  # (C, R)
-    n = 2 if _SPLIT_ELEMENTS[0] <= F * C < _SPLIT_ELEMENTS[1] and F % 2 == 0 else 1
-    # The barriers keep XLA from folding the transposes back into the dot's dimension numbers
-    # (which would restore the slow orientation) and from merging the halves again.
-    parts = [jax.lax.optimization_barrier(p) for p in jnp.split(wt, n)]
-    yt = jnp.concatenate([jax.lax.optimization_barrier(p @ xt) for p in parts])  # (F, R)
-    yt = yt.reshape([size[c] for c in feats + rows])
-    return jnp.transpose(yt, [(feats + rows).index(c) for c in out])
 
 
 class Dense(nnx.Module):

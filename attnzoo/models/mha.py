@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models.attention import dot_product_attention
-from attnzoo.models.layers import Dense, Norm, linear
+from attnzoo.models.layers import Dense, Norm
+from attnzoo.models.matmul import linear
 from attnzoo.models.positional import PositionConfig, make_layer_encoding
 
 EMPTY_POSITION = jnp.iinfo(jnp.int32).max
