@@ -137,8 +137,7 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
         f"One side-by-side run, {now}, on `{platform.node()}` ({os.cpu_count()} CPUs), float32.",
         f"Measured float32 matmul peak (best library median, the highest of the readings "
         f"before, between and after the tasks): **{peak:.1f} GFLOP/s**; MFU is against it. "
-        "Produced "
-        "by `make bench` (`python -m benchmarks.run`); raw records in "
+        "Produced by `make bench` (`python -m benchmarks.run`); raw records in "
         "`benchmarks/results.jsonl`. Only ratios within one run are comparable. "
         "`torch-eager+malloc` is the same PyTorch peer run with the glibc settings that "
         "attnzoo applies to itself (`attnzoo.runtime.tune_host_allocator`), for reference; "

@@ -9,12 +9,12 @@ at trace time from ``jax.default_backend()``:
 
 * **Training**: reverse-mode autodiff turns ``y = x W`` into the weight gradient
   ``dW = x^T dy``, a dot contracting the first dimension of both operands, which XLA:CPU
-  runs on Eigen (a lone ``[2048, 256]^T x [2048, 1024]`` gradient: 114 GFLOP/s against 148
-  for the canonical form) and, in a training step, asynchronously beside the YNNPACK dots it
+  runs on Eigen (a lone ``[256, 256]^T x [256, 8192]`` product: 114 GFLOP/s against 148
+  in the canonical form) and, in a training step, asynchronously beside the YNNPACK dots it
   slows down. ``_rows_times_weight`` writes the derivative so that the weight gradient is a
   canonical ``[K, R] x [R, N]`` dot of a materialised transpose of the narrower operand
   (``x`` for ``[256 -> 1024]``, ``dy`` for ``[1024 -> 256]``). Every dot of the
-  ``mt_train`` benchmark's projections then runs at 150-175 GFLOP/s; the whole step got
+  ``mt_train`` benchmark's projections then runs at 145-175 GFLOP/s; the whole step got
   1.6% faster (paired in-process A/B, 60 alternating steps, 90% CI 0.8-3.1%), ``lm_train``
   within noise (0.996, 0.998). It is a ``custom_jvp``, so forward mode still works.
 * **Incremental decoding** (``few_row_matmuls``): weight-stationary ``[out, in] x [in, rows]``
