@@ -102,7 +102,7 @@ def test_encoder_decoder_output_head_of_hidden_is_the_logits(kw):
     )
     graphdef, params = encoder_decoder.init(cfg, jax.random.key(0))
     if cfg.final_logits_bias:  # zero-initialised: make it matter
-        params["logits_bias"].value = jnp.arange(40, dtype=jnp.float32) / 40
+        params["logits_bias"][...] = jnp.arange(40, dtype=jnp.float32) / 40
     src = jax.random.randint(jax.random.key(1), (2, 5), 1, 40)
     tgt = jax.random.randint(jax.random.key(2), (2, 4), 1, 40)
     logits = encoder_decoder.apply(graphdef, params, src, tgt)

@@ -95,15 +95,15 @@ def _leaf(tree, *path):
 def test_fsdp_tp_layout_follows_the_rules(runs):
     _, state, _ = runs["dp2_fsdp2_tp2"]
     block = state.params["blocks"][0]
-    assert block["mlp"]["wi"]["kernel"].value.sharding.spec == P("fsdp", "tensor")
-    assert block["mlp"]["wo"]["kernel"].value.sharding.spec == P("tensor", "fsdp")
-    assert block["self_attn"]["q"]["kernel"].value.sharding.spec == P("fsdp", "tensor", None)
-    assert state.params["embed"]["embedding"].value.sharding.spec == P("tensor", "fsdp")
-    assert block["mlp_norm"]["scale"].value.sharding.spec == P(None)
+    assert block["mlp"]["wi"]["kernel"][...].sharding.spec == P("fsdp", "tensor")
+    assert block["mlp"]["wo"]["kernel"][...].sharding.spec == P("tensor", "fsdp")
+    assert block["self_attn"]["q"]["kernel"][...].sharding.spec == P("fsdp", "tensor", None)
+    assert state.params["embed"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
+    assert block["mlp_norm"]["scale"][...].sharding.spec == P(None)
     # Adam's moments inherit the parameters' layout.
     adam = state.opt_state[1][0]
-    assert adam.mu["blocks"][0]["mlp"]["wi"]["kernel"].value.sharding.spec == P("fsdp", "tensor")
-    assert adam.nu["embed"]["embedding"].value.sharding.spec == P("tensor", "fsdp")
+    assert adam.mu["blocks"][0]["mlp"]["wi"]["kernel"][...].sharding.spec == P("fsdp", "tensor")
+    assert adam.nu["embed"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
 
 
 def _device_bytes(tree, device):

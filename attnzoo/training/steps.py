@@ -128,7 +128,7 @@ def train_step(
 
     denom = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     loss = sums["loss"] / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

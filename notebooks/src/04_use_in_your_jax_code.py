@@ -101,14 +101,14 @@ def loss_fn(params, tokens):
 
 loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, tokens)
 print(f"loss {loss:.3f} (uniform guess: ln V = {np.log(cfg.vocab_size):.3f})")
-print(f"gradient global norm {optax.global_norm(grads):.3f}")
+print(f"gradient global norm {optax.tree.norm(grads):.3f}")
 
 # Per-example gradients: vmap the gradient over the batch, each row a batch of one.
 per_example_grads = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))(
     params,
     tokens[:, None, :],  # [B, 1, T]
 )
-norms = jax.vmap(optax.global_norm)(per_example_grads)  # [B]
+norms = jax.vmap(optax.tree.norm)(per_example_grads)  # [B]
 print("per-example gradient norms", np.round(np.asarray(norms), 3))
 # Every row has the same number of targets, so the batch gradient is the mean of the rows'.
 mean_grad = jax.tree.map(lambda g: g.mean(0), per_example_grads)
