@@ -172,6 +172,18 @@ def test_corrupt_latest_checkpoint_falls_back_and_deletes_nothing(tmp_path, capl
         checkpoint.Checkpoints(tmp_path).restore(exp.abstract_state, step=1)
 
 
+def test_read_only_open_logs_no_orbax_warnings(tmp_path, caplog):
+    # the inference CLIs open checkpoints read-only; orbax's notices about it are noise there
+    checkpoint.Checkpoints(tmp_path).manager.close()  # creates workdir/checkpoints
+    with caplog.at_level(logging.WARNING):
+        checkpoint.Checkpoints(tmp_path, read_only=True).manager.close()
+    assert "read only" not in caplog.text and "save_interval_steps" not in caplog.text
+    assert not logging.getLogger("absl").filters  # the filter is scoped to the open
+    with caplog.at_level(logging.WARNING):  # and other absl warnings still get through
+        logging.getLogger("absl").warning("Given directory is writable")
+    assert "Given directory is writable" in caplog.text
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     c = lm_tiny.get_config()
     c.model_overrides.update(d_model=32, d_ff=64, n_layers=1)

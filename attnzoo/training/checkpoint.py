@@ -52,6 +52,10 @@ class _IteratorState(grain.DatasetIterator):
         self.state = state
 
 
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 class Checkpoints:
     """An ``ocp.CheckpointManager`` under ``workdir/checkpoints`` with this project's items."""
 
@@ -80,18 +84,26 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,  # orbax warns when it has to change it
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "params": ocp.StandardCheckpointHandler(),
-                "opt_state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(),
-            },
-        )
+        # orbax warns "Given directory is read only" on every read-only open, which is what
+        # restoring for inference is; keep it out of the CLIs' output
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_drop_read_only_notice)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "params": ocp.StandardCheckpointHandler(),
+                    "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.StandardCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler(),
+                },
+            )
+        finally:
+            absl_logger.removeFilter(_drop_read_only_notice)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
