@@ -1,6 +1,9 @@
 """attnzoo: attention-based sequence models in JAX/Flax NNX.
 
-Import model definitions from ``attnzoo.models``; training from ``attnzoo.training``.
+Model definitions live in ``attnzoo.models`` (both families, attention, masks, positional
+encodings); data in ``attnzoo.data``; generation and beam search in ``attnzoo.decoding``;
+training in ``attnzoo.training``. ``attnzoo.backends.tune_for_platform()`` switches on the
+backend-specific tuning the CLIs use.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -10,6 +13,19 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from attnzoo.models import PositionConfig, decoder_lm, dot_product_attention  # noqa: E402
+from attnzoo.models import (  # noqa: E402
+    MaskSpec,
+    PositionConfig,
+    decoder_lm,
+    dot_product_attention,
+    encoder_decoder,
+)
 
-__all__ = ["PositionConfig", "__version__", "decoder_lm", "dot_product_attention"]
+__all__ = [
+    "MaskSpec",
+    "PositionConfig",
+    "__version__",
+    "decoder_lm",
+    "dot_product_attention",
+    "encoder_decoder",
+]

@@ -10,7 +10,7 @@ import time
 
 import jax
 
-from attnzoo import runtime
+from attnzoo import backends
 from benchmarks import lm_train
 from benchmarks.protocol import LM, emit
 
@@ -43,5 +43,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    runtime.tune_host_allocator()  # as attnzoo-train does; before the backend starts
+    backends.tune_for_platform()  # as the CLIs do; before the backend starts
     main()

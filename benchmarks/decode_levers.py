@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo import runtime
+from attnzoo import backends
 from attnzoo.decoding import generate
 from attnzoo.models import decoder_lm
 from benchmarks.lm_train import config
@@ -79,6 +79,6 @@ def main(rounds: int = 16) -> list[dict]:
 
 
 if __name__ == "__main__":
-    runtime.tune_host_allocator()  # as lm_generate does; before the backend starts
+    backends.tune_for_platform()  # as the CLIs do; before the backend starts
     jnp.zeros(())
     main(*(int(a) for a in sys.argv[1:2]))

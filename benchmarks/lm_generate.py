@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnzoo import runtime
+from attnzoo import backends
 from attnzoo.decoding import generate
 from attnzoo.models import decoder_lm
 from benchmarks.lm_train import config
@@ -56,6 +56,6 @@ def main(peer: str = "attnzoo") -> dict:
 
 
 if __name__ == "__main__":
-    runtime.tune_host_allocator()  # as attnzoo-train does; before the backend starts
+    backends.tune_for_platform()  # as the CLIs do; before the backend starts
     jnp.zeros(())  # initialise the backend before timing
     main()

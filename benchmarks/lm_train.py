@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from attnzoo import runtime
+from attnzoo import backends
 from attnzoo.models import decoder_lm
 from attnzoo.models.positional import PositionConfig
 from attnzoo.training import losses
@@ -90,6 +90,6 @@ def main(peer: str = "attnzoo") -> dict:
 
 
 if __name__ == "__main__":
-    runtime.tune_host_allocator()  # as attnzoo-train does; before the backend starts
+    backends.tune_for_platform()  # as the CLIs do; before the backend starts
     jnp.zeros(())  # initialise the backend before timing
     main()

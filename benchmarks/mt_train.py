@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from attnzoo import runtime
+from attnzoo import backends
 from attnzoo.models import encoder_decoder
 from benchmarks.lm_train import mean_cross_entropy
 from benchmarks.protocol import LR, MT, emit, first_call, mt_flops_per_tgt_token, timeit
@@ -76,5 +76,5 @@ def main(peer: str = "attnzoo") -> dict:
 
 
 if __name__ == "__main__":
-    runtime.tune_host_allocator()  # as attnzoo-train does; before the backend starts
+    backends.tune_for_platform()  # as the CLIs do; before the backend starts
     main()

@@ -45,7 +45,8 @@ TARGETS = {
     "lm_generate": ("flax-linen", 2.5),  # the 3,000 tokens/s = 2.5x the Flax reference
 }
 PEERS = ("attnzoo", "flax-linen", "torch-eager", "torch-eager+malloc", "torch-compile")
-# attnzoo's CLIs and benchmarks keep freed memory in-process (attnzoo.runtime.tune_host_allocator);
+# attnzoo's CLIs and benchmarks keep freed memory in-process
+# (attnzoo.backends.allocator.tune_host_allocator);
 # the same glibc settings as environment variables, so the torch peer can be measured with them
 # too ("torch-eager+malloc"): the ratio to the protocol's default-environment peer is the target,
 # the ratio to this one shows what the allocator alone is worth to each framework.
@@ -140,7 +141,7 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
         "Produced by `make bench` (`python -m benchmarks.run`); raw records in "
         "`benchmarks/results.jsonl`. Only ratios within one run are comparable. "
         "`torch-eager+malloc` is the same PyTorch peer run with the glibc settings that "
-        "attnzoo applies to itself (`attnzoo.runtime.tune_host_allocator`), for reference; "
+        "attnzoo applies to itself (`attnzoo.backends.allocator`), for reference; "
         "targets are against the protocol's peer in its default environment. `flax-linen` is "
         "the Flax reference decoder (`benchmarks/flax_peer.py`, written as Flax's lm1b example).",
         "",

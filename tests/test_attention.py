@@ -10,6 +10,7 @@ import pytest
 
 from attnzoo.models import attention, masks
 from attnzoo.models.attention import dot_product_attention
+from attnzoo.models.masks import MaskSpec
 
 IMPLS = attention.IMPLEMENTATIONS
 
@@ -66,20 +67,44 @@ def test_structured_masks_equal_dense_masks(impl):
     dense = masks.combine(
         masks.causal(pos, pos), masks.sliding_window(pos, pos, 3), masks.segment(seg, seg)
     )
-    got = dot_product_attention(
-        q,
-        k,
-        v,
-        causal=True,
-        sliding_window=3,
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
-        implementation=impl,
-        block_size=4,
-    )
+    spec = MaskSpec.causal_self(pos, segment_ids=seg, sliding_window=3)
+    got = dot_product_attention(q, k, v, mask=spec, implementation=impl, block_size=4)
     np.testing.assert_allclose(got, reference(q, k, v, mask=dense), atol=1e-5)
+    np.testing.assert_array_equal(spec.to_dense(9, 9), dense)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_key_segment_ids_alone_mask_padded_keys(impl):
+    """Only k_segment_ids: id 0 marks padded keys (cross-attention over a padded source)."""
+    q, k, v = qkv(T=5, S=9)
+    src_seg = jnp.array([[1, 1, 2, 2, 2, 3, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    dense = masks.padding(None, src_seg != 0)
+    spec = MaskSpec(k_segment_ids=src_seg, dense=jnp.ones((1, 1, 5, 1), bool))
+    got = dot_product_attention(q, k, v, mask=spec, implementation=impl, block_size=4)
+    np.testing.assert_allclose(got, reference(q, k, v, mask=dense), atol=1e-5)
+    np.testing.assert_array_equal(spec.to_dense(5, 9), jnp.broadcast_to(dense, (2, 1, 5, 9)))
+    want = dot_product_attention(q, k, v, mask=dense, implementation=impl, block_size=4)
+    np.testing.assert_array_equal(
+        dot_product_attention(
+            q, k, v, mask=MaskSpec.key_padding(src_seg != 0), implementation=impl, block_size=4
+        ),
+        want,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_causal_flag_and_spec_are_anded(impl):
+    q, k, v = qkv(T=6, S=6)
+    pad = masks.padding(None, jnp.arange(6)[None] < 4)
+    want = reference(q, k, v, mask=masks.combine(masks.causal_square(6), pad))
+    for kw in (
+        dict(mask=pad, causal=True),
+        dict(mask=MaskSpec(dense=pad), causal=True),
+        dict(mask=MaskSpec(causal=True, dense=pad)),
+        dict(mask=MaskSpec(causal=True, dense=pad), causal=True),
+    ):
+        got = dot_product_attention(q, k, v, implementation=impl, block_size=4, **kw)
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str(kw))
 
 
 def test_scale_and_shaw_relative_terms():
@@ -174,5 +199,11 @@ def test_bad_input_errors():
         dot_product_attention(q[0], k, v)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         dot_product_attention(q, k, v, implementation="flash")
-    with pytest.raises(ValueError, match="both q_segment_ids and k_segment_ids"):
-        dot_product_attention(q, k, v, q_segment_ids=jnp.ones((2, 5), jnp.int32))
+    with pytest.raises(ValueError, match="mask of shape .* not broadcastable"):
+        dot_product_attention(q, k, v, mask=MaskSpec(dense=jnp.ones((1, 1, 6, 5), bool)))
+    with pytest.raises(ValueError, match="q_segment_ids needs k_segment_ids"):
+        dot_product_attention(q, k, v, mask=MaskSpec(q_segment_ids=jnp.ones((2, 5), jnp.int32)))
+    with pytest.raises(ValueError, match=r"k_positions of shape \(2, 5\) is not broadcastable"):
+        dot_product_attention(q, k, v, mask=MaskSpec(k_positions=jnp.ones((2, 5), jnp.int32)))
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        dot_product_attention(q, k, v, mask=MaskSpec(sliding_window=0))

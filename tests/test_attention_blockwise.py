@@ -11,15 +11,18 @@ from hypothesis import strategies as st
 
 from attnzoo.models.attention import dot_product_attention
 from attnzoo.models.blockwise import blockwise_attention
+from attnzoo.models.masks import MaskSpec
 
 
-def _compare(static, q, k, v, bias, dout, arrays):
-    """Outputs and (dq, dk, dv, dbias) of the einsum and blockwise paths, in one compile."""
+def _compare(block_size, q, k, v, bias, dout, spec):
+    """Outputs and (dq, dk, dv, dbias) of the einsum and blockwise paths, in one compile.
+
+    ``spec`` goes through jit as a pytree (causal and sliding_window are static in it)."""
 
     def run(impl):
         def loss(q, k, v, bias):
             out = dot_product_attention(
-                q, k, v, bias=bias, implementation=impl, **dict(static), **arrays
+                q, k, v, mask=spec, bias=bias, implementation=impl, block_size=block_size
             )
             return (out * dout).sum(), out
 
@@ -49,8 +52,10 @@ def problems(draw):
         # Positions with gaps and offsets (a KV cache, left padding), shared by q and k if T==S.
         opts["q_positions"] = draw(st.lists(st.integers(0, 40), min_size=T, max_size=T))
         opts["k_positions"] = draw(st.lists(st.integers(0, 40), min_size=S, max_size=S))
-    if draw(st.booleans()):
+    segments = draw(st.sampled_from(["none", "packed", "key_padding"]))
+    if segments == "packed":
         opts["q_segment_ids"] = draw(st.lists(st.integers(0, 2), min_size=T, max_size=T))
+    if segments != "none":  # alone: id 0 marks padded keys
         opts["k_segment_ids"] = draw(st.lists(st.integers(0, 2), min_size=S, max_size=S))
     # Dense mask / bias with any mix of broadcast dims; masks may leave rows fully masked.
     mask_shape = bias_shape = None
@@ -77,10 +82,11 @@ def test_blockwise_equals_einsum_values_and_grads(problem):
             ids = jnp.asarray(opts.pop(name), jnp.int32)
             arrays[name] = jnp.broadcast_to(ids, (B, ids.shape[0]))
     if mask_shape is not None:
-        arrays["mask"] = jax.random.bernoulli(keys[4], 0.6, mask_shape)
+        arrays["dense"] = jax.random.bernoulli(keys[4], 0.6, mask_shape)
     bias = None if bias_shape is None else jax.random.normal(keys[5], bias_shape)
-    static = tuple(sorted(opts.items()))
-    (want, want_grads), (got, got_grads) = _compare_jit(static, q, k, v, bias, dout, arrays)
+    block_size = opts.pop("block_size")
+    spec = MaskSpec(**opts, **arrays)
+    (want, want_grads), (got, got_grads) = _compare_jit(block_size, q, k, v, bias, dout, spec)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     for name, g, w in zip("qkvb", got_grads, want_grads, strict=True):
         if w is not None:
@@ -99,7 +105,8 @@ def test_skipped_blocks_and_fully_masked_rows_match_einsum():
     k, v = (jax.random.normal(key, (2, 16, 1, 8)) for key in keys[2:])
     q_pos = jnp.stack([jnp.arange(16), jnp.arange(16)])
     k_pos = jnp.stack([jnp.arange(16), jnp.arange(16) + 100])
-    kw = dict(causal=True, sliding_window=6, q_positions=q_pos, k_positions=k_pos, block_size=4)
+    spec = MaskSpec(causal=True, sliding_window=6, q_positions=q_pos, k_positions=k_pos)
+    kw = dict(mask=spec, block_size=4)
 
     def run(impl):
         f = lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **kw)
@@ -131,11 +138,13 @@ def test_bfloat16_and_vmap():
 def test_bad_options():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match="sliding_window must be >= 1"):
-        blockwise_attention(q, q, q, sliding_window=0)
+        blockwise_attention(q, q, q, mask=MaskSpec(sliding_window=0))
     with pytest.raises(ValueError, match="block sizes must be >= 1"):
         blockwise_attention(q, q, q, q_block=0)
-    with pytest.raises(ValueError, match="both q_segment_ids and k_segment_ids"):
-        blockwise_attention(q, q, q, k_segment_ids=jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="q_segment_ids needs k_segment_ids"):
+        blockwise_attention(q, q, q, mask=MaskSpec(q_segment_ids=jnp.ones((1, 4), jnp.int32)))
+    with pytest.raises(ValueError, match="mask of shape .* not broadcastable"):
+        blockwise_attention(q, q, q, mask=jnp.ones((1, 1, 4, 5), bool))
 
 
 # ---- 16k tokens: the point of the blockwise path -----------------------------------------

@@ -203,14 +203,8 @@ def test_marian_incremental_decoding_matches_torch(marian):
     outs = []
     for t in range(tgt.shape[1]):
         pos = jnp.full((2, 1), t, jnp.int32)
-        logits, cache = ed.decode(
-            g,
-            p,
-            encoded,
-            jnp.asarray(src_mask),
-            jnp.asarray(tgt[:, t : t + 1]),
-            tgt_positions=pos,
-            cache=cache,
+        logits, cache = ed.decode_cached(
+            g, p, encoded, jnp.asarray(src_mask), jnp.asarray(tgt[:, t : t + 1]), pos, cache
         )
         outs.append(logits)
     assert _max_diff("marian incremental", jnp.concatenate(outs, 1), ref, ones) < TOL

@@ -99,7 +99,7 @@ def test_incremental_decoding_matches_full_forward(models, tokens, layout):
     if layout == "scanned":  # layer caches stacked: [L, B, K, S_max, H]
         assert cache.layers.k.shape == (3, 2, 2, 16, 8)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
-    step = jax.jit(lambda c, x, ps: decoder_lm.apply(g, p, x, ps, cache=c))
+    step = jax.jit(lambda c, x, ps: decoder_lm.apply_cached(g, p, x, ps, c))
     logits, cache = step(cache, tokens[:, :5], pos[:, :5])  # prefill
     outs = [logits]
     for t in range(5, T):
@@ -230,19 +230,21 @@ def test_bad_inputs_have_clear_errors(models):
     with pytest.raises(ValueError, match=r"\[batch, length\]"):
         decoder_lm.apply(g, p, jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="explicit positions"):
-        decoder_lm.apply(g, p, jnp.zeros((1, 2), jnp.int32), cache=decoder_lm.init_cache(cfg, 1, 4))
+        decoder_lm.apply_cached(
+            g, p, jnp.zeros((1, 2), jnp.int32), None, decoder_lm.init_cache(cfg, 1, 4)
+        )
 
 
 @pytest.mark.parametrize("layout", ["unrolled", "scanned"])
 def test_cache_take_reorders_rows_like_beam_search(models, tokens, layout):
     cfg, g, p = models[layout]
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
-    _, cache = decoder_lm.apply(
-        g, p, tokens[:, :6], pos[:, :6], cache=decoder_lm.init_cache(cfg, 2, T)
+    _, cache = decoder_lm.apply_cached(
+        g, p, tokens[:, :6], pos[:, :6], decoder_lm.init_cache(cfg, 2, T)
     )
     rows = jnp.array([1, 1, 0])  # expand to 3 rows: row 1 twice, then row 0
     taken = cache.take(rows)
-    logits, _ = decoder_lm.apply(g, p, tokens[rows, 6:7], pos[rows, 6:7], cache=taken)
+    logits, _ = decoder_lm.apply_cached(g, p, tokens[rows, 6:7], pos[rows, 6:7], taken)
     _close(logits, decoder_lm.apply(g, p, tokens[:, :7])[rows, 6:7])
 
 
@@ -271,10 +273,10 @@ def test_every_positional_kind_scans_and_decodes_incrementally(kind, tokens):
     scfg, sg, sp = decoder_lm.relayout(cfg, p, scan_layers=True)
     _close(decoder_lm.apply(sg, sp, tokens), full)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
-    logits, cache = decoder_lm.apply(
-        sg, sp, tokens[:, :7], pos[:, :7], cache=decoder_lm.init_cache(scfg, 2, T)
+    logits, cache = decoder_lm.apply_cached(
+        sg, sp, tokens[:, :7], pos[:, :7], decoder_lm.init_cache(scfg, 2, T)
     )
-    step, _ = decoder_lm.apply(sg, sp, tokens[:, 7:8], pos[:, 7:8], cache=cache)
+    step, _ = decoder_lm.apply_cached(sg, sp, tokens[:, 7:8], pos[:, 7:8], cache)
     _close(jnp.concatenate([logits, step], 1), full[:, :8])
 
 

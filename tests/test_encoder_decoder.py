@@ -135,7 +135,7 @@ def test_incremental_decoding_matches_teacher_forcing(model, batch, scan):
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tgt.shape)
     # encoded is zeros inside the step: the cached cross-attention K/V must be what is used
     zeros = jnp.zeros_like(encoded)
-    step = jax.jit(lambda c, x, ps: ed.decode(g, p, zeros, src_seg, x, tgt_positions=ps, cache=c))
+    step = jax.jit(lambda c, x, ps: ed.decode_cached(g, p, zeros, src_seg, x, ps, c))
     outs = []
     for t in range(T):
         logits, cache = step(cache, tgt[:, t : t + 1], pos[:, t : t + 1])
@@ -147,8 +147,8 @@ def test_incremental_decoding_matches_teacher_forcing(model, batch, scan):
     cache = ed.fill_cross_cache(g, p, ed.init_cache(cfg, 2, 8), encoded)
     _, cache = step(cache, tgt[:, :4], pos[:, :4])
     taken = cache.take(rows)
-    logits, _ = ed.decode(
-        g, p, zeros[rows], src_seg[rows], tgt[rows, 4:5], tgt_positions=pos[rows, 4:5], cache=taken
+    logits, _ = ed.decode_cached(
+        g, p, zeros[rows], src_seg[rows], tgt[rows, 4:5], pos[rows, 4:5], taken
     )
     _close(logits, full_rows[:, 4:5])
 
@@ -160,7 +160,7 @@ def test_first_decode_call_fills_the_cross_cache(model, batch):
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tgt.shape)
     cache = ed.init_cache(cfg, 2, 8)
     assert cache.cross is None
-    logits, cache = ed.decode(g, p, encoded, src_seg, tgt, tgt_positions=pos, cache=cache)
+    logits, cache = ed.decode_cached(g, p, encoded, src_seg, tgt, pos, cache)
     assert len(cache.cross) == cfg.n_decoder_layers
     assert cache.cross[0].k.shape == (2, cfg.n_heads, S, cfg.d_model // cfg.n_heads)  # heads-major
     _close(logits, ed.apply(g, p, src, tgt, src_seg))
@@ -264,7 +264,7 @@ def test_bad_inputs_have_clear_errors(model, batch):
     with pytest.raises(ValueError, match="encode"):
         ed.decode(g, p, jnp.zeros((3, S, 32)), None, tgt)
     with pytest.raises(ValueError, match="tgt_positions"):
-        ed.decode(g, p, jnp.zeros((2, S, 32)), None, tgt, cache=ed.init_cache(cfg, 2, 8))
+        ed.decode_cached(g, p, jnp.zeros((2, S, 32)), None, tgt, None, ed.init_cache(cfg, 2, 8))
 
 
 def test_t5_style_incremental_decoding_with_relative_bias(batch):
@@ -278,13 +278,11 @@ def test_t5_style_incremental_decoding_with_relative_bias(batch):
     encoded = ed.encode(g, p, src, src_seg)
     cache = ed.init_cache(cfg, 2, 8)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tgt.shape)
-    logits, cache = ed.decode(
-        g, p, encoded, src_seg, tgt[:, :3], tgt_positions=pos[:, :3], cache=cache
-    )
+    logits, cache = ed.decode_cached(g, p, encoded, src_seg, tgt[:, :3], pos[:, :3], cache)
     outs = [logits]
     for t in range(3, T):
-        logits, cache = ed.decode(
-            g, p, encoded, src_seg, tgt[:, t : t + 1], tgt_positions=pos[:, t : t + 1], cache=cache
+        logits, cache = ed.decode_cached(
+            g, p, encoded, src_seg, tgt[:, t : t + 1], pos[:, t : t + 1], cache
         )
         outs.append(logits)
     _close(jnp.concatenate(outs, 1), full)
@@ -303,10 +301,6 @@ def test_every_positional_kind_scans_and_decodes_incrementally(kind, batch):
     encoded = ed.encode(sg, sp, src, src_seg)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tgt.shape)
     cache = ed.init_cache(scfg, 2, 8)
-    logits, cache = ed.decode(
-        sg, sp, encoded, src_seg, tgt[:, :4], tgt_positions=pos[:, :4], cache=cache
-    )
-    step, _ = ed.decode(
-        sg, sp, encoded, src_seg, tgt[:, 4:5], tgt_positions=pos[:, 4:5], cache=cache
-    )
+    logits, cache = ed.decode_cached(sg, sp, encoded, src_seg, tgt[:, :4], pos[:, :4], cache)
+    step, _ = ed.decode_cached(sg, sp, encoded, src_seg, tgt[:, 4:5], pos[:, 4:5], cache)
     _close(jnp.concatenate([logits, step], 1), full[:, :5])

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnzoo.models import masks
+from attnzoo.models.masks import MaskSpec
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, MultiHeadAttention, write_positions
 
 D, T, S = 32, 6, 9
@@ -79,12 +80,12 @@ def test_matches_torch_sdpa(n_kv, kind, extras):
     if kind == "cross":
         valid = jnp.arange(S)[None] < jnp.array([[S], [4]])
         mask = masks.padding(None, valid)  # (B, 1, 1, S)
-        out, _ = mha(x, q_positions=q_pos, kv=src, mask=mask)
+        out, _ = mha(x, mask=MaskSpec(q_positions=q_pos, dense=mask), kv=src)
         want = torch_mha(mha, x, src, mask)
     else:
         valid = jnp.arange(T)[None] < jnp.array([[T], [4]])
         mask = masks.padding(None, valid) if kind == "padding" else None
-        out, _ = mha(x, q_positions=q_pos, mask=mask)
+        out, _ = mha(x, mask=MaskSpec(q_positions=q_pos, dense=mask))
         dense = masks.combine(mask, masks.causal(q_pos, q_pos) if kind == "causal" else None)
         want = torch_mha(mha, x, x, dense)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
@@ -104,7 +105,9 @@ def test_gqa_equals_mha_with_repeated_kv_weights(heads, seed):
     x, _ = inputs(seed=seed)
     q_pos = positions(2, T)
     np.testing.assert_allclose(
-        gqa(x, q_positions=q_pos)[0], mha(x, q_positions=q_pos)[0], atol=1e-5
+        gqa(x, mask=MaskSpec(q_positions=q_pos))[0],
+        mha(x, mask=MaskSpec(q_positions=q_pos))[0],
+        atol=1e-5,
     )
 
 
@@ -113,7 +116,7 @@ def test_sliding_window_matches_torch():
     mha = make(4, 2, causal=True, sliding_window=2)
     q_pos = positions(2, T)
     want = torch_mha(mha, x, x, masks.sliding_window(q_pos, q_pos, 2))
-    np.testing.assert_allclose(mha(x, q_positions=q_pos)[0], want, atol=1e-5)
+    np.testing.assert_allclose(mha(x, mask=MaskSpec(q_positions=q_pos))[0], want, atol=1e-5)
 
 
 def test_kv_cache_decoding_with_per_example_write_index():
@@ -121,7 +124,7 @@ def test_kv_cache_decoding_with_per_example_write_index():
     B, L = 2, 8
     mha = make(4, 2, causal=True, seed=3)
     x = jax.random.normal(jax.random.key(4), (B, L, D))
-    full, _ = mha(x, q_positions=positions(B, L))  # (B, L, D)
+    full, _ = mha(x, mask=MaskSpec(q_positions=positions(B, L)))  # (B, L, D)
     lengths = jnp.array([3, 5])
 
     cache = KVCache.zeros(B, L, 2, mha.head_dim)
@@ -130,7 +133,10 @@ def test_kv_cache_decoding_with_per_example_write_index():
     index = jnp.zeros((B,), jnp.int32)
     slot_pos = write_positions(slot_pos, prompt_pos, index)
     out, cache = mha(
-        x[:, :5], q_positions=prompt_pos, k_positions=slot_pos, cache=cache, cache_index=index
+        x[:, :5],
+        mask=MaskSpec(q_positions=prompt_pos, k_positions=slot_pos),
+        cache=cache,
+        cache_index=index,
     )
     np.testing.assert_allclose(out[0, :3], full[0, :3], atol=1e-5)
     np.testing.assert_allclose(out[1], full[1, :5], atol=1e-5)
@@ -140,7 +146,12 @@ def test_kv_cache_decoding_with_per_example_write_index():
         pos = index[:, None]  # (B, 1): each row at its own position
         x_t = jnp.take_along_axis(x, pos[..., None], axis=1)  # (B, 1, D)
         slot_pos = write_positions(slot_pos, pos, index)
-        out, cache = mha(x_t, q_positions=pos, k_positions=slot_pos, cache=cache, cache_index=index)
+        out, cache = mha(
+            x_t,
+            mask=MaskSpec(q_positions=pos, k_positions=slot_pos),
+            cache=cache,
+            cache_index=index,
+        )
         want = jnp.take_along_axis(full, pos[..., None], axis=1)
         np.testing.assert_allclose(out, want, atol=1e-5)
         index = index + 1
@@ -160,7 +171,7 @@ def test_segment_ids_equal_dense_segment_mask():
     pos = jnp.array([[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]])
     for impl in ("einsum", "blockwise"):
         mha = make(4, 2, causal=True, implementation=impl)
-        got, _ = mha(x, q_positions=pos, q_segment_ids=seg)
+        got, _ = mha(x, mask=MaskSpec(q_positions=pos, q_segment_ids=seg, k_segment_ids=seg))
         want = torch_mha(mha, x, x, masks.combine(masks.causal(pos, pos), masks.segment(seg, seg)))
         real = np.asarray(seg != 0)  # torch gives NaN on the fully masked padding row
         np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5, err_msg=impl)
@@ -171,14 +182,16 @@ def test_dropout():
     q_pos = positions(2, T)
     mha = make(4, dropout=0.5)
     base = make(4)
-    np.testing.assert_array_equal(mha(x, q_positions=q_pos)[0], base(x, q_positions=q_pos)[0])
-    a = mha(x, q_positions=q_pos, deterministic=False, rngs=nnx.Rngs(dropout=1))[0]
-    b = mha(x, q_positions=q_pos, deterministic=False, rngs=nnx.Rngs(dropout=1))[0]
-    c = mha(x, q_positions=q_pos, deterministic=False, rngs=nnx.Rngs(dropout=2))[0]
+    np.testing.assert_array_equal(
+        mha(x, mask=MaskSpec(q_positions=q_pos))[0], base(x, mask=MaskSpec(q_positions=q_pos))[0]
+    )
+    a = mha(x, mask=MaskSpec(q_positions=q_pos), deterministic=False, rngs=nnx.Rngs(dropout=1))[0]
+    b = mha(x, mask=MaskSpec(q_positions=q_pos), deterministic=False, rngs=nnx.Rngs(dropout=1))[0]
+    c = mha(x, mask=MaskSpec(q_positions=q_pos), deterministic=False, rngs=nnx.Rngs(dropout=2))[0]
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     with pytest.raises(ValueError, match="needs rngs"):
-        mha(x, q_positions=q_pos, deterministic=False)
+        mha(x, mask=MaskSpec(q_positions=q_pos), deterministic=False)
 
 
 def test_params_have_logical_axes():
@@ -199,9 +212,9 @@ def test_bfloat16():
     q_pos = positions(2, T)
     f32 = make(4, 2, causal=True)
     bf16 = make(4, 2, causal=True, dtype=jnp.bfloat16)
-    out = bf16(x.astype(jnp.bfloat16), q_positions=q_pos)[0]
+    out = bf16(x.astype(jnp.bfloat16), mask=MaskSpec(q_positions=q_pos))[0]
     assert out.dtype == jnp.bfloat16
-    want = f32(x, q_positions=q_pos)[0]
+    want = f32(x, mask=MaskSpec(q_positions=q_pos))[0]
     # bfloat16 keeps 8 mantissa bits: errors scale with the outputs' magnitude (~4 here).
     err = np.abs(np.asarray(out, np.float32) - want).max()
     assert err < 0.03 * np.abs(want).max(), err
@@ -213,11 +226,13 @@ class TestTransforms(chex.TestCase):
         x, _ = inputs()
         q_pos = positions(2, T)
         graphdef, params = nnx.split(make(4, 2, causal=True))
-        apply = lambda p, x: nnx.merge(graphdef, p)(x, q_positions=q_pos)[0]
+        apply = lambda p, x: nnx.merge(graphdef, p)(x, mask=MaskSpec(q_positions=q_pos))[0]
         want = apply(params, x)
         np.testing.assert_allclose(self.variant(apply)(params, x), want, atol=1e-6)
         per_row = jax.vmap(
-            lambda xr, pr: nnx.merge(graphdef, params)(xr[None], q_positions=pr[None])[0][0]
+            lambda xr, pr: nnx.merge(graphdef, params)(
+                xr[None], mask=MaskSpec(q_positions=pr[None])
+            )[0][0]
         )(x, q_pos)
         np.testing.assert_allclose(per_row, want, atol=1e-5)
         grads = self.variant(jax.grad(lambda p, x: (apply(p, x) ** 2).sum()))(params, x)
@@ -240,6 +255,6 @@ def test_bad_config_errors():
     mha = make(4, causal=True, randomize=False)
     x, _ = inputs()
     with pytest.raises(ValueError, match="needs k_positions and cache_index"):
-        mha(x, q_positions=positions(2, T), cache=KVCache.zeros(2, 8, 4, 8))
+        mha(x, mask=MaskSpec(q_positions=positions(2, T)), cache=KVCache.zeros(2, 8, 4, 8))
     with pytest.raises(ValueError, match="not broadcastable"):
-        mha(x, q_positions=positions(2, T), mask=jnp.ones((2, 1, T, T + 1), bool))
+        mha(x, mask=MaskSpec(q_positions=positions(2, T), dense=jnp.ones((2, 1, T, T + 1), bool)))

@@ -73,7 +73,7 @@ def test_cached_decoding_equals_full_forward(models, tokens, name):
     # rows start at different positions, as prompts of different lengths would
     pos = _positions() + jnp.array([[0], [3]])
     full_shifted = _apply(g, p, tokens, pos)
-    step = jax.jit(lambda c, x, ps: decoder_lm.apply(g, p, x, ps, cache=c))
+    step = jax.jit(lambda c, x, ps: decoder_lm.apply_cached(g, p, x, ps, c))
     cache = decoder_lm.init_cache(cfg, B, 16)
     logits, cache = step(cache, tokens[:, :PREFILL], pos[:, :PREFILL])
     outs = [logits]
@@ -181,9 +181,7 @@ def test_encoder_decoder_bidirectional_encoder_and_cached_decoder(seq2seq, token
     a, b = encode(src), encode(src.at[:, 7:].set((src[:, 7:] + 1) % V))
     assert np.abs(a[:, :7] - b[:, :7]).max() > 1e-4  # earlier tokens see later ones
     full = jax.jit(lambda t: encoder_decoder.apply(g, p, src, t))(tgt)
-    step = jax.jit(
-        lambda c, t, ps: encoder_decoder.decode(g, p, a, None, t, tgt_positions=ps, cache=c)
-    )
+    step = jax.jit(lambda c, t, ps: encoder_decoder.decode_cached(g, p, a, None, t, ps, c))
     cache = encoder_decoder.init_cache(cfg, B, 12)
     pos = jnp.broadcast_to(jnp.arange(tgt.shape[1], dtype=jnp.int32), tgt.shape)
     outs = []

@@ -58,8 +58,8 @@ ENCODER_DECODER = {
 
 
 def test_every_preset_has_an_expected_count():
-    assert set(DECODER_LM) == set(decoder_lm.presets())
-    assert set(ENCODER_DECODER) == set(ed.presets())
+    assert set(DECODER_LM) == set(decoder_lm.Config.presets())
+    assert set(ENCODER_DECODER) == set(ed.Config.presets())
 
 
 def test_formulas_agree_with_published_numbers():

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnzoo import ops
 from attnzoo.decoding.stages import default_stages, stage_ends
 from attnzoo.models import encoder_decoder as ed
-from attnzoo.models.matmul import few_row_matmuls
 
 LENGTH_PENALTIES = ("gnmt", "power")
 # Hugging Face's "impossible" score: adding it (rather than -inf) keeps every score finite.
@@ -98,16 +98,16 @@ def _beam_search(
     def body(state):
         t, live, live_scores, fin, fin_scores, fin_flags, open_, _, cache = state
         prev = jnp.where(t == 0, bos_id, live[:, :, jnp.maximum(t - 1, 0)])  # (B, K)
-        # B*K rows per matmul: weight-stationary dots (see there); not for scanned stacks
-        with few_row_matmuls(enabled=not cfg.scan_layers):
-            logits, cache = ed.decode(
+        # B*K rows per matmul: a hint to the installed ops; not for scanned stacks
+        with ops.few_rows(enabled=not cfg.scan_layers):
+            logits, cache = ed.decode_cached(
                 graphdef,
                 params,
                 encoded,
                 src_segment_ids,
                 prev.reshape(B * K, 1),
-                tgt_positions=jnp.full((B * K, 1), t, jnp.int32),
-                cache=cache,
+                jnp.full((B * K, 1), t, jnp.int32),
+                cache,
             )
         logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(B, K, V)
         cand = (live_scores[:, :, None] + logp).reshape(B, K * V)

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnzoo import ops
 from attnzoo.decoding import sampling
 from attnzoo.decoding.stages import default_stages, stage_ends
 from attnzoo.models import decoder_lm
-from attnzoo.models.matmul import few_row_matmuls
 from attnzoo.models.mha import EMPTY_POSITION
 
 
@@ -87,8 +87,8 @@ def prefill(
     B, P = tokens.shape
     cache = decoder_lm.init_cache(cfg, B, cache_len)
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    hidden, cache = decoder_lm.apply(
-        graphdef, params, tokens, positions, cache=cache, return_hidden=True
+    hidden, cache = decoder_lm.apply_cached(
+        graphdef, params, tokens, positions, cache, return_hidden=True
     )  # (B, P, D)
     # only each row's last prompt position needs logits: B rows through the head, not B * P
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
@@ -110,8 +110,8 @@ def decode_step(
     cache: decoder_lm.Cache,
 ) -> tuple[jax.Array, decoder_lm.Cache]:
     """One token per row: tokens [B], positions [B] -> (logits [B, V], cache)."""
-    logits, cache = decoder_lm.apply(
-        graphdef, params, tokens[:, None], positions[:, None], cache=cache
+    logits, cache = decoder_lm.apply_cached(
+        graphdef, params, tokens[:, None], positions[:, None], cache
     )
     return logits[:, 0], cache
 
@@ -202,8 +202,8 @@ def _generate(
     def body(state):
         t, tok, done, out, cache, seen = state
         # the previous token sits at position lengths + t - 1 (the prompt fills 0..lengths-1)
-        # B rows per matmul: weight-stationary dots (see there); not for scanned stacks
-        with few_row_matmuls(enabled=not cfg.scan_layers):
+        # B rows per matmul: a hint to the installed ops; not for scanned stacks
+        with ops.few_rows(enabled=not cfg.scan_layers):
             logits, cache = decode_step(graphdef, params, tok, lengths + t - 1, cache)
         tok, seen = pick(logits, seen, t)
         tok = jnp.where(done, pad_id, tok)  # finished rows emit padding

@@ -44,13 +44,11 @@ def validate(
 def greedy(logits: jax.Array) -> jax.Array:
     """logits: [B, V] -> [B] int32 argmax (the lowest id among ties, as torch/HF).
 
-    Two plain reductions (max, then the smallest index holding it) rather than ``jnp.argmax``:
-    XLA:CPU lowers argmax's paired (value, index) reduction to a scalar loop, 10x slower at
-    V=8192 here, and the argmax runs once per generated token.
+    Two plain reductions (max, then the smallest index holding it) rather than ``jnp.argmax``,
+    whose paired (value, index) reduction some backends lower to a scalar loop
+    (``benchmarks/README.md``, "Where each CPU measure lives").
     """
-    # Decode steps produce logits as a [V, B] matrix transposed (``few_row_matmuls``); the
-    # barrier materialises [B, V] first: fused into the transpose, both reductions would stride
-    # across V (126 -> 102 us per step at B=8, V=8192 on CPU).
+    # materialise [B, V]: fused into a transposed producer, both reductions would stride over V
     logits = jax.lax.optimization_barrier(logits)
     ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     is_max = logits == jnp.max(logits, axis=-1, keepdims=True)

@@ -1,13 +1,10 @@
 """Decoding loops in stages over a growing KV cache.
 
 A decode step is memory-bound: besides the weights it reads every slot of the self-attention
-cache, filled or not (65.5 KB per slot for the ``lm_generate`` benchmark model, ~12 us per slot
-per step on the 2-core dev CPU). Step ``t`` can only have filled the slots up to ``t``, so the
-token loop runs as a few ``while_loop``s, each over a cache just long enough for its last step,
-grown (``Cache.grow``) between them. Each stage compiles its own loop body: a few stages get
-most of the gain (``lm_generate``, in-process A/B over 20 alternating calls: 4 stages 11% faster
-than one loop, 2 stages 7%, 8 no faster than 4; first call 4.8 s instead of 3.2 s). Beam search
-on the ``mt_train`` model (8 sentences x beam 4, 128 steps): 4 stages 14% faster (1.58 -> 1.34 s).
+cache, filled or not. Step ``t`` can only have filled the slots up to ``t``, so the token loop
+runs as a few ``while_loop``s, each over a cache just long enough for its last step, grown
+(``Cache.grow``) between them. Each stage compiles its own loop body, so a few stages get most
+of the gain (measurements in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations

@@ -19,19 +19,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnzoo.models import masks
-from attnzoo.models.blockwise import MASKED_LOGIT, blockwise_attention
+from attnzoo.models.blockwise import blockwise_attention
+from attnzoo.models.masks import MASKED_LOGIT, MaskSpec
 
 IMPLEMENTATIONS = ("einsum", "jax", "blockwise")
 
-# Measured on the shared 2-core dev CPU (forward + backward, float32, causal, N=4 H=64, best of
-# 10-30 interleaved runs; `python -m benchmarks.attention` prints the same comparison):
-#   B=8 T=256:  einsum 14.9 ms, naive einsum-softmax 15.6, jax.nn.dot_product_attention 19.9
-#               (its XLA path vmaps over head groups), blockwise 27.0
-#   B=1 T=512:  einsum 11.9 ms, naive 11.8, jax 12.1, blockwise 13.6
-#   B=1 T=1024: blockwise 60 ms (skips the causal upper triangle, stays in cache), naive 102,
-#               einsum 112, jax 120; at T=4096 blockwise 0.70 s vs einsum 3.6 s.
-# On GPU jax.nn.dot_product_attention can use cuDNN flash attention.
+# Defaults are the fastest path measured per backend (CPU timings: benchmarks/README.md,
+# "Attention paths on the dev CPU"); on GPU jax.nn.dot_product_attention can use cuDNN flash.
 _DEFAULT_BY_BACKEND = {"cpu": "einsum", "gpu": "jax", "cuda": "jax", "rocm": "jax", "tpu": "einsum"}
 # Key lengths from which the default switches to "blockwise" (backends not listed: never).
 _BLOCKWISE_FROM = {"cpu": 1024}
@@ -46,7 +40,7 @@ def default_implementation(k_len: int | None = None) -> str:
     return _DEFAULT_BY_BACKEND.get(backend, "einsum")
 
 
-def _check_shapes(q, k, v, mask, bias):
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"q, k, v must be [batch, length, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}"
@@ -60,21 +54,20 @@ def _check_shapes(q, k, v, mask, bias):
             f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}); "
             "use n_kv_heads = n_heads (MHA), 1 (MQA) or a divisor of n_heads (GQA)"
         )
+    if bias is None:
+        return
     full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-    for name, t in (("mask", mask), ("bias", bias)):
-        if t is None:
-            continue
-        ok = t.ndim <= 4
-        if ok:
-            try:
-                ok = jnp.broadcast_shapes(t.shape, full) == full
-            except ValueError:
-                ok = False
-        if not ok:
-            raise ValueError(
-                f"{name} of shape {t.shape} is not broadcastable to [batch, heads, q_len, k_len]"
-                f" = {full}; build it with attnzoo.models.masks (e.g. masks.causal(...))"
-            )
+    ok = bias.ndim <= 4
+    if ok:
+        try:
+            ok = jnp.broadcast_shapes(bias.shape, full) == full
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"bias of shape {bias.shape} is not broadcastable to [batch, heads, q_len, k_len]"
+            f" = {full}"
+        )
 
 
 def dot_product_attention(
@@ -82,7 +75,8 @@ def dot_product_attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    mask: jax.Array | None = None,
+    mask: MaskSpec | jax.Array | None = None,
+    causal: bool = False,
     bias: jax.Array | None = None,
     scale: float | None = None,
     rel_k: jax.Array | None = None,
@@ -90,12 +84,6 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     implementation: str | None = None,
-    causal: bool = False,
-    sliding_window: int | None = None,
-    q_positions: jax.Array | None = None,
-    k_positions: jax.Array | None = None,
-    q_segment_ids: jax.Array | None = None,
-    k_segment_ids: jax.Array | None = None,
     block_size: int = 512,
 ) -> jax.Array:
     """Multi-head scaled dot-product attention.
@@ -104,68 +92,46 @@ def dot_product_attention(
       q: [B, T, N, H] queries.
       k: [B, S, K, H] keys, ``N % K == 0``.
       v: [B, S, K, H] values.
-      mask: bool, broadcastable to [B, N, T, S]; ``True`` = may attend.
+      mask: which pairs may attend: a ``masks.MaskSpec`` (causal, sliding window, positions,
+        packed segments / key padding, dense), or a bool array broadcastable to [B, N, T, S]
+        (``True`` = may attend), or None. The blockwise path builds a spec's structured masks
+        per block, so no [T, S] mask is materialised.
+      causal: keys at positions <= the query's only; and-ed with ``mask``
+        (``MaskSpec.causal``; positions default to ``0..T-1`` / ``0..S-1``).
       bias: float, broadcastable to [B, N, T, S], added to the logits (ALiBi, T5).
       scale: logit scale, default ``1/sqrt(H)``.
       rel_k: [B or 1, T, S, H] relative-position key terms (Shaw et al. 2018, eq. 5).
       rel_v: [B or 1, T, S, H] relative-position value terms (Shaw et al. 2018, eq. 3).
       dropout_rate: attention-weight dropout (needs ``dropout_rng``).
+      dropout_rng: PRNG key of the dropout.
       implementation: ``"einsum"``, ``"jax"`` (``jax.nn.dot_product_attention``) or
         ``"blockwise"`` (O(T * block) memory); default ``default_implementation(S)``. Shaw terms
         and dropout always run on the einsum path.
-      causal, sliding_window: structured masks over positions (``masks.causal``,
-        ``masks.sliding_window``), and-ed with ``mask``. The blockwise path builds them per
-        block, so no [T, S] mask is materialised.
-      q_positions, k_positions: [B, T], [B, S] int positions for ``causal``/``sliding_window``;
-        default ``0..T-1`` / ``0..S-1``.
-      q_segment_ids, k_segment_ids: [B, T], [B, S] packed-segment ids (``masks.segment``).
       block_size: query and key block size of the blockwise path.
     Returns:
       [B, T, N, H], in the dtype of ``q``. Softmax runs in float32 for every input dtype.
     """
-    _check_shapes(q, k, v, mask, bias)
-    impl = implementation or default_implementation(k.shape[1])
+    _check_shapes(q, k, v, bias)
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    spec = MaskSpec.of(mask, causal=causal).validate(B, N, T, S)
+    impl = implementation or default_implementation(S)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; valid: {IMPLEMENTATIONS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if (q_segment_ids is None) != (k_segment_ids is None):
-        raise ValueError("give both q_segment_ids and k_segment_ids, or neither")
     needs_einsum = rel_k is not None or rel_v is not None or dropout_rate > 0.0
     if impl == "blockwise" and not needs_einsum:
         return blockwise_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=bias,
-            scale=scale,
-            causal=causal,
-            sliding_window=sliding_window,
-            q_positions=q_positions,
-            k_positions=k_positions,
-            q_segment_ids=q_segment_ids,
-            k_segment_ids=k_segment_ids,
-            q_block=block_size,
-            k_block=block_size,
+            q, k, v, mask=spec, bias=bias, scale=scale, q_block=block_size, k_block=block_size
         )
-    mask = _dense_mask(
-        mask,
-        q.shape[:2],
-        k.shape[:2],
-        causal=causal,
-        sliding_window=sliding_window,
-        q_positions=q_positions,
-        k_positions=k_positions,
-        q_segment_ids=q_segment_ids,
-        k_segment_ids=k_segment_ids,
-    )
+    dense = spec.to_dense(T, S)
     if impl == "jax" and not needs_einsum:
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale)
     return _einsum_attention(
         q,
         k,
         v,
-        mask=mask,
+        mask=dense,
         bias=bias,
         scale=scale,
         rel_k=rel_k,
@@ -173,33 +139,6 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-
-
-def _dense_mask(
-    mask,
-    q_shape,
-    k_shape,
-    *,
-    causal,
-    sliding_window,
-    q_positions,
-    k_positions,
-    q_segment_ids,
-    k_segment_ids,
-):
-    """The structured options as one [B, 1, T, S] bool mask, and-ed with ``mask``."""
-    if causal or sliding_window is not None:
-        if q_positions is None:
-            q_positions = jnp.broadcast_to(jnp.arange(q_shape[1], dtype=jnp.int32), q_shape)
-        if k_positions is None:
-            k_positions = jnp.broadcast_to(jnp.arange(k_shape[1], dtype=jnp.int32), k_shape)
-    if causal:
-        mask = masks.combine(mask, masks.causal(q_positions, k_positions))
-    if sliding_window is not None:
-        mask = masks.combine(mask, masks.sliding_window(q_positions, k_positions, sliding_window))
-    if q_segment_ids is not None:
-        mask = masks.combine(mask, masks.segment(q_segment_ids, k_segment_ids))
-    return mask
 
 
 def _einsum_attention(q, k, v, *, mask, bias, scale, rel_k, rel_v, dropout_rate, dropout_rng):

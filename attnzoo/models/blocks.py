@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnzoo.models.layers import ACTIVATIONS, MLP, Norm
+from attnzoo.models.masks import MaskSpec
 from attnzoo.models.mha import KVCache, MultiHeadAttention
 from attnzoo.models.positional import validate as validate_position
 
@@ -70,18 +71,31 @@ def validate_config(cfg: Any) -> None:
     validate_position(cfg.position, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads)
 
 
+def make_norm(cfg: Any, rngs: nnx.Rngs) -> Norm:
+    """The config's norm over ``d_model`` (also the final norm of pre-LN stacks)."""
+    return Norm(
+        cfg.d_model,
+        kind=cfg.norm,
+        eps=cfg.norm_eps,
+        use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
+    )
+
+
 class Block(nnx.Module):
+    """Self-attention, optional cross-attention and an MLP, each a residual sublayer.
+
+    Args:
+      cfg: the model config (fields listed in the module docstring).
+      causal: decoder self-attention (keys after the query are masked).
+      cross_attention: add a sublayer attending to the encoder output.
+    """
+
     def __init__(self, cfg: Any, *, causal: bool, cross_attention: bool = False, rngs: nnx.Rngs):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.pre_norm = cfg.pre_norm
-        norm = lambda: Norm(
-            cfg.d_model,
-            kind=cfg.norm,
-            eps=cfg.norm_eps,
-            use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
-            param_dtype=pdtype,
-            rngs=rngs,
-        )
+        norm = lambda: make_norm(cfg, rngs)
         attn = lambda position, causal_: MultiHeadAttention(
             cfg.d_model,
             cfg.n_heads,
@@ -130,26 +144,27 @@ class Block(nnx.Module):
         self,
         x: jax.Array,
         *,
-        positions: jax.Array,
-        mask: jax.Array | None = None,
+        mask: MaskSpec,
         bias: jax.Array | None = None,
-        k_positions: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         encoded: jax.Array | None = None,
         encoded_kv: tuple[jax.Array, jax.Array] | None = None,
-        cross_mask: jax.Array | None = None,
+        cross_mask: MaskSpec | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """x: [B, T, D] -> ([B, T, D], updated self-attention cache)."""
+        """x: [B, T, D] -> ([B, T, D], updated self-attention cache).
+
+        ``mask`` and ``bias`` describe the self-attention (see ``MultiHeadAttention``);
+        ``encoded`` [B, S, D] or its projected ``encoded_kv`` and ``cross_mask`` the
+        cross-attention.
+        """
         x, cache = self._sublayer(
             x,
             self.self_attn_norm,
             lambda h: self.self_attn(
                 h,
-                q_positions=positions,
-                k_positions=k_positions,
                 mask=mask,
                 bias=bias,
                 cache=cache,
@@ -160,15 +175,15 @@ class Block(nnx.Module):
             deterministic,
             rngs,
         )
-        if self.cross_attn is not None:
+        cross_attn = self.cross_attn
+        if cross_attn is not None:
             if encoded is None and encoded_kv is None:
                 raise ValueError("a cross-attention block needs the encoder output")
             x, _ = self._sublayer(
                 x,
                 self.cross_attn_norm,
-                lambda h: self.cross_attn(
+                lambda h: cross_attn(
                     h,
-                    q_positions=positions,
                     kv=encoded,
                     kv_projected=encoded_kv,
                     mask=cross_mask,

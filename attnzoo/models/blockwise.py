@@ -7,10 +7,11 @@ built. A ``jax.custom_vjp`` backward recomputes each block's probabilities from 
 log-sum-exp (FlashAttention-2, Algorithm 2) instead of letting autodiff store them: forward
 *and* backward memory is O(T * block).
 
-The masks most attention needs are *structured*: causal, sliding window and packed segments
-are functions of the query/key positions and segment ids, so each block's mask is built inside
-the loop from [B, T] integer vectors. Dense ``mask`` / ``bias`` arrays broadcastable to
-[B, N, T, S] are also accepted (sliced per block), for padding masks or ALiBi/T5 biases.
+The mask is a ``masks.MaskSpec``: causal, sliding window and packed segments are functions of
+the query/key positions and segment ids, so each block's mask is built inside the loop from
+[B, T] integer vectors (``MaskSpec.block``) and blocks that the causal / window structure masks
+entirely are skipped (``MaskSpec.block_is_empty``). A dense mask and a ``bias`` broadcastable
+to [B, N, T, S] are also accepted (sliced per block), for ALiBi/T5 biases or arbitrary masks.
 
 Semantics match the einsum path exactly, including rows whose every key is masked (they average
 all values, as softmax over equal ``MASKED_LOGIT`` logits does).
@@ -18,16 +19,13 @@ all values, as softmax over equal ``MASKED_LOGIT`` logits does).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# The logit of a masked (query, key) pair on every attention path. Large but finite, so a row
-# with every key masked gets a uniform softmax (the mean of the values) instead of NaNs, which
-# keeps padding rows harmless under grad.
-MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+from attnzoo.models.masks import MASKED_LOGIT, MaskSpec, block_slice
+
 # Keys that only exist because S was padded to a multiple of k_block: below every real logit,
 # including masked ones, so they get exactly zero weight even in fully masked rows.
 _PAD_LOGIT = float(jnp.finfo(jnp.float32).min)
@@ -35,8 +33,6 @@ _PAD_LOGIT = float(jnp.finfo(jnp.float32).min)
 
 class _Static(NamedTuple):
     scale: float
-    causal: bool
-    window: int | None
     q_block: int
     k_block: int
     q_len: int  # T before padding
@@ -49,15 +45,10 @@ def blockwise_attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    mask: jax.Array | None = None,
+    mask: MaskSpec | jax.Array | None = None,
+    causal: bool = False,
     bias: jax.Array | None = None,
     scale: float | None = None,
-    causal: bool = False,
-    sliding_window: int | None = None,
-    q_positions: jax.Array | None = None,
-    k_positions: jax.Array | None = None,
-    q_segment_ids: jax.Array | None = None,
-    k_segment_ids: jax.Array | None = None,
     q_block: int = 512,
     k_block: int = 512,
 ) -> jax.Array:
@@ -65,15 +56,15 @@ def blockwise_attention(
 
     Args:
       q: [B, T, N, H] queries.
-      k, v: [B, S, K, H] keys and values, ``N % K == 0`` (MHA, GQA, MQA).
-      mask: bool broadcastable to [B, N, T, S] (``True`` = may attend), or None.
+      k: [B, S, K, H] keys, ``N % K == 0`` (MHA, GQA, MQA).
+      v: [B, S, K, H] values, the shape of ``k``.
+      mask: a ``MaskSpec``, a bool array broadcastable to [B, N, T, S] (``True`` = may attend;
+        sliced per block), or None.
+      causal: and-ed into ``mask`` (``MaskSpec.causal``).
       bias: float broadcastable to [B, N, T, S], added to the scaled logits (differentiable).
-      causal: keep keys with ``k_pos <= q_pos`` (``masks.causal``).
-      sliding_window: keep keys with ``0 <= q_pos - k_pos < window`` (``masks.sliding_window``).
-      q_positions, k_positions: [B, T], [B, S] int; default ``0..T-1`` and ``0..S-1``.
-      q_segment_ids, k_segment_ids: [B, T], [B, S] int packed-segment ids, 0 = padding
-        (``masks.segment``); give both or neither.
-      q_block, k_block: block sizes (clipped to T and S). Peak memory ~ B*N*q_block*k_block.
+      scale: logit scale, default ``1/sqrt(H)``.
+      q_block: query block size (clipped to T). Peak memory ~ B*N*q_block*k_block.
+      k_block: key block size (clipped to S).
     Returns:
       [B, T, N, H] in the dtype of ``q``; softmax statistics are float32.
     """
@@ -84,40 +75,37 @@ def blockwise_attention(
         )
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    if (q_segment_ids is None) != (k_segment_ids is None):
-        raise ValueError("give both q_segment_ids and k_segment_ids, or neither")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    spec = MaskSpec.of(mask, causal=causal).validate(B, N, T, S)
     if q_block < 1 or k_block < 1:
         raise ValueError(f"block sizes must be >= 1, got q_block={q_block}, k_block={k_block}")
     tq, tk = min(q_block, T), min(k_block, S)
     Tp, Sp = -(-T // tq) * tq, -(-S // tk) * tk  # padded to whole blocks
     st = _Static(
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-        causal=causal,
-        window=sliding_window,
         q_block=tq,
         k_block=tk,
         q_len=T,
         k_len=S,
         n_kv=K,
     )
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    if k_positions is None:
-        k_positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     pad_t = lambda x, n, axis: _pad_axis(x, axis, n) if x is not None else None
     qp = pad_t(q, Tp, 1)
     kp, vp = pad_t(k, Sp, 1), pad_t(v, Sp, 1)
-    ints = (
-        pad_t(jnp.broadcast_to(q_positions, (B, T)).astype(jnp.int32), Tp, 1),
-        pad_t(jnp.broadcast_to(k_positions, (B, S)).astype(jnp.int32), Sp, 1),
-        pad_t(q_segment_ids, Tp, 1),
-        pad_t(k_segment_ids, Sp, 1),
+    q_pos = k_pos = None
+    if spec.uses_positions:
+        q_pos, k_pos = spec.positions(T, S)
+        q_pos = pad_t(jnp.broadcast_to(q_pos, (B, T)).astype(jnp.int32), Tp, 1)
+        k_pos = pad_t(jnp.broadcast_to(k_pos, (B, S)).astype(jnp.int32), Sp, 1)
+    seg = lambda x, n, L: None if x is None else pad_t(jnp.broadcast_to(x, (B, L)), n, 1)
+    padded = spec.replace(
+        q_positions=q_pos,
+        k_positions=k_pos,
+        q_segment_ids=seg(spec.q_segment_ids, Tp, T),
+        k_segment_ids=seg(spec.k_segment_ids, Sp, S),
+        dense=_pad_dense(spec.dense, T, S, Tp, Sp),
     )
-    mask4 = _pad_dense(mask, T, S, Tp, Sp)
     bias4 = _pad_dense(bias, T, S, Tp, Sp)
-    out = _flash(st, qp, kp, vp, bias4, ints, mask4)  # (B, Tp, N, H)
+    out = _flash(st, qp, kp, vp, bias4, padded)  # (B, Tp, N, H)
     return out[:, :T]
 
 
@@ -127,7 +115,7 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _pad_dense(x, T, S, Tp, Sp):
+def _pad_dense(x: jax.Array | None, T: int, S: int, Tp: int, Sp: int) -> jax.Array | None:
     """Broadcastable mask/bias -> 4-D [B|1, N|1, T|1, S|1], full dims padded to Tp / Sp."""
     if x is None:
         return None
@@ -140,13 +128,6 @@ def _pad_dense(x, T, S, Tp, Sp):
 
 
 # ---- per-block helpers ---------------------------------------------------------------------
-
-
-def _rows(x: jax.Array | None, start, size: int, axis: int):
-    """Block ``[start, start+size)`` of ``x`` along ``axis``; broadcast (size-1) axes kept."""
-    if x is None or x.shape[axis] == 1:
-        return x
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
 def _group(x: jax.Array, K: int) -> jax.Array:
@@ -165,7 +146,15 @@ def _ungroup_reduce(ds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return ds.sum(axes, keepdims=True) if axes else ds
 
 
-def _block_logits(st: _Static, qi, kj, bias4, ints, mask4, i, j):
+def _block_logits(
+    st: _Static,
+    qi: jax.Array,
+    kj: jax.Array,
+    bias4: jax.Array | None,
+    spec: MaskSpec,
+    i: jax.Array,
+    j: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """Masked, scaled float32 logits of query block i against key block j.
 
     qi: [B, tq, K, G, H], kj: [B, tk, K, H] -> (logits [B, K, G, tq, tk], allowed mask).
@@ -174,31 +163,11 @@ def _block_logits(st: _Static, qi, kj, bias4, ints, mask4, i, j):
     q0, k0 = i * tq, j * tk
     s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * st.scale
     if bias4 is not None:
-        b = _rows(_rows(bias4, q0, tq, 2), k0, tk, 3)
+        b = block_slice(block_slice(bias4, q0, tq, 2), k0, tk, 3)
         s = s + _group(b, st.n_kv).astype(jnp.float32)
-    qpos, kpos, qseg, kseg = ints
-    allowed = None
-
-    def conj(a, b):
-        return b if a is None else a & b
-
-    qp, kp = (
-        _rows(qpos, q0, tq, 1)[:, :, None],
-        _rows(kpos, k0, tk, 1)[:, None, :],
-    )  # (B,tq,1) (B,1,tk)
-    if st.causal:
-        allowed = conj(allowed, kp <= qp)
-    if st.window is not None:
-        delta = qp - kp
-        allowed = conj(allowed, (delta >= 0) & (delta < st.window))
-    if qseg is not None:
-        qs, ks = _rows(qseg, q0, tq, 1)[:, :, None], _rows(kseg, k0, tk, 1)[:, None, :]
-        allowed = conj(allowed, (qs == ks) & (ks != 0))
+    allowed = spec.block(q0, tq, k0, tk)  # (B|1, N|1, tq, tk) or None
     if allowed is not None:
-        allowed = allowed[:, None, None]  # (B, 1, 1, tq, tk)
-    if mask4 is not None:
-        allowed = conj(allowed, _group(_rows(_rows(mask4, q0, tq, 2), k0, tk, 3), st.n_kv))
-    if allowed is not None:
+        allowed = _group(allowed, st.n_kv)
         s = jnp.where(allowed, s, MASKED_LOGIT)
     real_key = (k0 + jnp.arange(tk)) < st.k_len  # (tk,)
     s = jnp.where(real_key, s, _PAD_LOGIT)
@@ -206,20 +175,9 @@ def _block_logits(st: _Static, qi, kj, bias4, ints, mask4, i, j):
     return s, keep
 
 
-def _block_is_empty(st: _Static, ints, i, j) -> jax.Array | None:
-    """Scalar bool: causal / sliding-window structure masks *every* pair of block (i, j).
-
-    Such blocks are skipped (about half of them under a causal mask). ``None`` when the options
-    cannot rule out a block. Conservative: padded positions only ever prevent a skip.
-    """
-    if not st.causal and st.window is None:
-        return None
-    qpos = _rows(ints[0], i * st.q_block, st.q_block, 1)  # (B, tq)
-    kpos = _rows(ints[1], j * st.k_block, st.k_block, 1)  # (B, tk)
-    empty = qpos.max(1) < kpos.min(1)  # every key after every query; (B,)
-    if st.window is not None:
-        empty |= qpos.min(1) - kpos.max(1) >= st.window  # every key out of the window
-    return empty.all()
+def _block_is_empty(st: _Static, spec: MaskSpec, i: jax.Array, j: jax.Array) -> jax.Array | None:
+    """Scalar bool: block (i, j) is wholly masked by causal / sliding-window structure."""
+    return spec.block_is_empty(i * st.q_block, st.q_block, j * st.k_block, st.k_block)
 
 
 def _skip_or(empty, compute, skipped, carry):
@@ -237,12 +195,30 @@ def _split_heads(q: jax.Array, K: int) -> jax.Array:
 # ---- forward / backward ----------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q, k, v, bias4, ints, mask4):
-    return _forward(st, q, k, v, bias4, ints, mask4)[0]
+def _flash_primal(
+    st: _Static,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias4: jax.Array | None,
+    spec: MaskSpec,
+) -> jax.Array:
+    return _forward(st, q, k, v, bias4, spec)[0]
 
 
-def _forward(st: _Static, q, k, v, bias4, ints, mask4):
+# Wrapped by a call, not a functools.partial decorator: through the partial, type checkers
+# type a call of the result as ``object``.
+_flash = jax.custom_vjp(_flash_primal, nondiff_argnums=(0,))
+
+
+def _forward(
+    st: _Static,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias4: jax.Array | None,
+    spec: MaskSpec,
+) -> tuple[jax.Array, jax.Array]:
     """q: [B, Tp, N, H], k/v: [B, Sp, K, H] -> (out [B, Tp, N, H], stats [2, B, K, G, Tp]).
 
     ``stats`` holds each row's logit max and 1 / softmax normaliser, for the backward.
@@ -254,13 +230,13 @@ def _forward(st: _Static, q, k, v, bias4, ints, mask4):
     v_mean = v[:, : st.k_len].astype(jnp.float32).mean(1)  # (B, K, H)
 
     def q_step(i):
-        qi = _rows(qg, i * tq, tq, 1)
+        qi = block_slice(qg, i * tq, tq, 1)
 
         def k_step(carry, j):
             def compute(carry):
                 m, l, acc = carry
-                kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
-                s, _ = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
+                kj, vj = block_slice(k, j * tk, tk, 1), block_slice(v, j * tk, tk, 1)
+                s, _ = _block_logits(st, qi, kj, bias4, spec, i, j)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)  # rescales the earlier blocks to the new max
@@ -270,7 +246,7 @@ def _forward(st: _Static, q, k, v, bias4, ints, mask4):
                 )
                 return (m_new, l, acc * corr[..., None] + pv), None
 
-            return _skip_or(_block_is_empty(st, ints, i, j), compute, None, carry)
+            return _skip_or(_block_is_empty(st, spec, i, j), compute, None, carry)
 
         init = (
             jnp.full((B, K, G, tq), -jnp.inf, jnp.float32),
@@ -294,13 +270,13 @@ def _forward(st: _Static, q, k, v, bias4, ints, mask4):
     return out, stats
 
 
-def _flash_fwd(st, q, k, v, bias4, ints, mask4):
-    out, stats = _forward(st, q, k, v, bias4, ints, mask4)
-    return out, (q, k, v, bias4, ints, mask4, out, stats)
+def _flash_fwd(st, q, k, v, bias4, spec):
+    out, stats = _forward(st, q, k, v, bias4, spec)
+    return out, (q, k, v, bias4, spec, out, stats)
 
 
 def _flash_bwd(st, res, dout):
-    q, k, v, bias4, ints, mask4, out, (row_max, inv_sum) = res
+    q, k, v, bias4, spec, out, (row_max, inv_sum) = res
     B, Tp, N, H = q.shape
     K, tq, tk = st.n_kv, st.q_block, st.k_block
     nq, nk = Tp // tq, k.shape[1] // tk
@@ -317,28 +293,28 @@ def _flash_bwd(st, res, dout):
         )
 
     def k_step(dq, j):
-        kj, vj = _rows(k, j * tk, tk, 1), _rows(v, j * tk, tk, 1)
+        kj, vj = block_slice(k, j * tk, tk, 1), block_slice(v, j * tk, tk, 1)
 
         def compute(carry_i):
             (dq, dk, dv), i = carry_i
-            qi, doi = _rows(qg, i * tq, tq, 1), _rows(dog, i * tq, tq, 1)
-            s, keep = _block_logits(st, qi, kj, bias4, ints, mask4, i, j)
-            m, inv_l = _rows(row_max, i * tq, tq, 3), _rows(inv_sum, i * tq, tq, 3)
+            qi, doi = block_slice(qg, i * tq, tq, 1), block_slice(dog, i * tq, tq, 1)
+            s, keep = _block_logits(st, qi, kj, bias4, spec, i, j)
+            m, inv_l = block_slice(row_max, i * tq, tq, 3), block_slice(inv_sum, i * tq, tq, 3)
             p = jnp.exp(s - m[..., None]) * inv_l[..., None]  # (B, K, G, tq, tk)
             dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p, doi)
             dp = jnp.einsum("bqkgh,bskh->bkgqs", doi, vj.astype(jnp.float32))
-            ds = p * (dp - _rows(delta, i * tq, tq, 3)[..., None])
+            ds = p * (dp - block_slice(delta, i * tq, tq, 3)[..., None])
             ds = jnp.where(keep, ds, 0.0)  # masked logits are constants: no gradient
             dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds, kj.astype(jnp.float32)) * st.scale
             dq = jax.lax.dynamic_update_slice_in_dim(
-                dq, _rows(dq, i * tq, tq, 1) + dqi, i * tq, axis=1
+                dq, block_slice(dq, i * tq, tq, 1) + dqi, i * tq, axis=1
             )
             dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, qi.astype(jnp.float32)) * st.scale
             dbias = None if bias4 is None else _ungroup_reduce(ds, bias4.shape)
             return ((dq, dk, dv), i), dbias
 
         def q_step(carry, i):
-            empty = _block_is_empty(st, ints, i, j)
+            empty = _block_is_empty(st, spec, i, j)
             (carry, _), dbias = _skip_or(empty, compute, no_dbias, (carry, i))
             return carry, dbias
 
@@ -356,10 +332,9 @@ def _flash_bwd(st, res, dout):
     dv_empty = jnp.einsum("bkgt,btkgh->bkh", empty.astype(jnp.float32), dog) / st.k_len
     dv = dv.at[:, : st.k_len].add(dv_empty[:, None]).astype(v.dtype)
     dq = dq.reshape(q.shape).astype(q.dtype)
-    if dbias is not None:
+    if bias4 is not None and dbias is not None:
         dbias = _assemble_bias_grad(dbias, bias4.shape).astype(bias4.dtype)
-    int_zeros = jax.tree.map(lambda _: None, ints)
-    return dq, dk, dv, dbias, int_zeros, None
+    return dq, dk, dv, dbias, None  # the mask spec is integers/bools: no cotangent
 
 
 def _assemble_bias_grad(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:

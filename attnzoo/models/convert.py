@@ -8,7 +8,7 @@ the paper's post-LN, sqrt(d_model)-scaled, sinusoidal encoder-decoder) and T5 v1
     cfg, graphdef, params = convert.from_safetensors("path/to/checkpoint_dir")  # no torch needed
     state_dict = convert.to_transformers(cfg, params)    # numpy arrays keyed like hf state_dict
 
-The per-family config mapping and weight rules live in ``hf_families``.
+The per-family config mapping and weight rules live in ``_hf_families``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.models import encoder_decoder
-from attnzoo.models.hf_families import FAMILIES, FAMILY, Path, marian_sinusoids
+from attnzoo.models._hf_families import FAMILIES, FAMILY, Path, marian_sinusoids
 
 __all__ = [
     "FAMILIES",

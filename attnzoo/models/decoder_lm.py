@@ -6,6 +6,9 @@ Pure functional API::
     graphdef, params = decoder_lm.init(cfg, jax.random.key(0))
     logits = decoder_lm.apply(graphdef, params, tokens)          # [B, T] int32 -> [B, T, V]
 
+    cache = decoder_lm.init_cache(cfg, batch, max_len)
+    logits, cache = decoder_lm.apply_cached(graphdef, params, tokens, positions, cache)
+
 ``params`` is an ``nnx.State`` pytree: it jits, grads, vmaps and shards like any pytree, and each
 leaf carries logical axis names (``nnx.get_partition_spec(params)``).
 
@@ -17,71 +20,46 @@ two layouts. ``remat=True`` wraps each block in ``jax.checkpoint`` with ``remat_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from attnzoo.models import masks
-from attnzoo.models.blocks import Block, validate_config
-from attnzoo.models.layers import Dense, Embed, LinearHead, Norm, normal
-from attnzoo.models.mha import EMPTY_POSITION, KVCache, grow_slots, write_positions
-from attnzoo.models.positional import PositionConfig, make_encoding
-from attnzoo.models.stack import make_stack, relayout_layers, run_stack, take_layers
+from attnzoo.models import core
+from attnzoo.models._stack import make_stack, run_stack
+from attnzoo.models.blocks import Block, make_norm
+from attnzoo.models.core import Cache, init, init_cache, output_head, param_count, relayout
+from attnzoo.models.layers import LinearHead
+from attnzoo.models.positional import PositionConfig
+
+# fmt: off
+__all__ = [
+    "Cache", "Config", "DecoderLM", "apply", "apply_cached", "init", "init_cache",
+    "output_head", "param_count", "relayout",
+]
+# fmt: on
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Decoder-only LM hyperparameters. Presets are classmethods; vary with ``replace``.
+class Config(core.ModelConfig):
+    """Decoder-only LM hyperparameters (``core.ModelConfig`` fields plus ``n_layers``).
 
-    Invalid combinations (d_model not divisible by n_heads, unknown activation or positional
-    kind, ...) raise ``ValueError`` at construction, naming the field and the fix.
+    Presets are classmethods (``Config.gpt2_small()``, ``Config.preset("llama")``); vary with
+    ``replace``.
     """
 
-    vocab_size: int = 32000
-    d_model: int = 512
     n_layers: int = 6
-    n_heads: int = 8
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    d_ff: int = 2048
-    activation: str = "gelu"
-    gated_mlp: bool = False
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    norm_bias: bool = True
-    pre_norm: bool = True
-    use_bias: bool = True
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    embed_scale: bool = False
-    embed_init_std: float = 0.02
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    sliding_window: int | None = None
-    attention_scale: float | None = None
-    attention_impl: str | None = None
-    position: PositionConfig = PositionConfig()
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: bool = False
-    remat_policy: str = "dots_with_no_batch_dims_saveable"
-    scan_layers: bool = False
 
-    def __post_init__(self):
-        validate_config(self)
-        if self.n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
+    STACKS: ClassVar[dict[str, str]] = {"blocks": "n_layers"}
+    CACHED_STACK: ClassVar[str] = "blocks"
 
-    def replace(self, **kw: Any) -> Config:
-        return dataclasses.replace(self, **kw)
+    def build(self, rngs: nnx.Rngs) -> DecoderLM:
+        return DecoderLM(self, rngs=rngs)
 
-    # ---- presets ---------------------------------------------------------------------------
+    @core.register_preset
     @classmethod
     def tiny(cls, vocab_size: int = 256) -> Config:
-        """A few-hundred-k-parameter model for CPU demos and tests."""
+        """A few-hundred-k-parameter model for demos and tests."""
         return cls(
             vocab_size=vocab_size,
             d_model=128,
@@ -91,6 +69,7 @@ class Config:
             position=PositionConfig(kind="sinusoidal"),
         )
 
+    @core.register_preset
     @classmethod
     def vaswani_lm(cls, vocab_size: int = 32000) -> Config:
         """The paper's base block as a decoder-only LM: post-LN, ReLU, sinusoidal, sqrt(d) scale."""
@@ -123,28 +102,34 @@ class Config:
             position=PositionConfig(kind="learned", max_len=1024),
         )
 
+    @core.register_preset
     @classmethod
     def gpt2_small(cls) -> Config:
         """GPT-2 small, 124,439,808 parameters (as Hugging Face ``gpt2``)."""
         return cls._gpt2(768, 12, 12)
 
+    @core.register_preset
     @classmethod
     def gpt2(cls) -> Config:
         """Alias of ``gpt2_small``."""
         return cls.gpt2_small()
 
+    @core.register_preset
     @classmethod
     def gpt2_medium(cls) -> Config:
         return cls._gpt2(1024, 24, 16)
 
+    @core.register_preset
     @classmethod
     def gpt2_large(cls) -> Config:
         return cls._gpt2(1280, 36, 20)
 
+    @core.register_preset
     @classmethod
     def gpt2_xl(cls) -> Config:
         return cls._gpt2(1600, 48, 25)
 
+    @core.register_preset
     @classmethod
     def llama(cls, vocab_size: int = 32000) -> Config:
         """LLaMA 7B (6,738,415,616 parameters): RoPE, RMSNorm, SwiGLU, no biases, untied head."""
@@ -163,6 +148,7 @@ class Config:
             position=PositionConfig(kind="rope", rope_base=10000.0, max_len=2048),
         )
 
+    @core.register_preset
     @classmethod
     def llama_small(cls, vocab_size: int = 32000) -> Config:
         """A ~110M LLaMA-style model with grouped-query attention (12 query, 4 key/value heads)."""
@@ -170,133 +156,20 @@ class Config:
             d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048
         )
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> Config:
-        """A preset by name (``"gpt2_small"``, ``"llama"``, ...), then ``overrides`` applied."""
-        names = presets()
-        if name not in names:
-            raise ValueError(f"unknown decoder_lm preset {name!r}; valid: {', '.join(names)}")
-        return getattr(cls, name)().replace(**overrides)
-
-
-def presets() -> tuple[str, ...]:
-    return (
-        "tiny",
-        "vaswani_lm",
-        "gpt2",
-        "gpt2_small",
-        "gpt2_medium",
-        "gpt2_large",
-        "gpt2_xl",
-        "llama",
-        "llama_small",
-    )
-
-
-@struct.dataclass
-class Cache:
-    """Decoding state: per-row next write slot, slot positions, and every layer's K/V.
-
-    ``layers`` is a tuple of ``KVCache`` (one per layer) for unrolled models and a single
-    ``KVCache`` with a leading layer axis ([L, B, K, S_max, H]) for ``scan_layers=True``.
-    """
-
-    index: jax.Array  # [B] int32
-    positions: jax.Array  # [B, S_max] int32, EMPTY_POSITION where nothing was written
-    layers: tuple[KVCache, ...] | KVCache
-
-    def take(self, rows: jax.Array) -> Cache:
-        """The cache of batch rows ``rows`` [B'] int (beam search: reorder / expand beams)."""
-        return Cache(
-            index=self.index[rows],
-            positions=self.positions[rows],
-            layers=take_layers(self.layers, rows),
-        )
-
-    def grow(self, max_len: int) -> Cache:
-        """The same cache with ``max_len`` >= S_max slots; the new slots are empty.
-
-        Generation runs its token loop in stages over a growing cache, so each step reads only
-        the slots that can hold a token by the end of its stage (``attnzoo.decoding.stages``).
-        """
-        positions, layers = grow_slots(self.positions, self.layers, max_len)
-        return self.replace(positions=positions, layers=layers)
-
-
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> Cache:
-    """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
-    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads or cfg.n_heads, head_dim, dtype)
-    if cfg.scan_layers:
-        layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.n_layers, *a.shape)), kv)
-    else:
-        layers = (kv,) * cfg.n_layers
-    return Cache(
-        index=jnp.zeros((batch,), jnp.int32),
-        positions=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
-        layers=layers,
-    )
-
-
-def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
-    """Per-segment positions 0, 1, 2, ... restarting at each new segment. [B, T] -> [B, T]."""
-    T = segment_ids.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
-    )
-    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-
-
-def final_norm(cfg: Any, rngs: nnx.Rngs) -> Norm:
-    return Norm(
-        cfg.d_model,
-        kind=cfg.norm,
-        eps=cfg.norm_eps,
-        use_bias=None if cfg.norm == "rmsnorm" else cfg.norm_bias,
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        rngs=rngs,
-    )
-
 
 class DecoderLM(nnx.Module):
+    """Token embedding, positional encoding, a causal block stack and the output head."""
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pdtype = jnp.dtype(cfg.param_dtype)
-        self.embed = Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            init=normal(cfg.embed_init_std),
-            param_dtype=pdtype,
-            rngs=rngs,
-        )
-        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        self.position = make_encoding(
-            cfg.position,
-            d_model=cfg.d_model,
-            n_heads=cfg.n_heads,
-            head_dim=head_dim,
-            causal=True,
-            rngs=rngs,
-        )
+        self.embed = core.token_embedding(cfg, rngs)
+        self.position = core.position_encoding(cfg, causal=True, rngs=rngs)
         self.blocks = make_stack(
             lambda r: Block(cfg, causal=True, rngs=r), cfg.n_layers, scan=cfg.scan_layers, rngs=rngs
         )
         # post-LN blocks end in a norm already; pre-LN stacks need one before the head
-        self.final_norm = final_norm(cfg, rngs) if cfg.pre_norm else None
-        self.head = (
-            None
-            if cfg.tie_embeddings
-            else Dense(
-                (cfg.d_model, cfg.vocab_size),
-                ("embed", "vocab"),
-                "btd,dv->btv",
-                dtype=jnp.dtype(cfg.dtype),
-                param_dtype=pdtype,
-                rngs=rngs,
-            )
-        )
+        self.final_norm = make_norm(cfg, rngs) if cfg.pre_norm else None
+        self.head = core.untied_head(cfg, rngs)
         self.embed_dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(
@@ -304,84 +177,40 @@ class DecoderLM(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        *,
         cache: Cache | None = None,
-        deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
-        return_hidden: bool = False,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """tokens [B, T] int -> logits [B, T, V] (and the updated cache if one is given).
+    ) -> tuple[jax.Array, Cache | None]:
+        """tokens [B, T] int -> (hidden [B, T, D], the updated cache or None).
 
         ``positions`` default to 0..T-1 per row, per segment when ``segment_ids`` is given (id 0
-        marks padding). With a ``cache``, ``positions`` are required (e.g. prompt lengths so
-        far) and the new tokens are written at ``cache.index``. ``return_hidden`` gives the
-        final hidden states [B, T, D] instead of logits (``output_head()`` maps them to logits).
+        marks padding). With a ``cache``, ``positions`` are required and the new tokens are
+        written at ``cache.index``. ``output_head()`` maps the hidden states to logits;
+        dropout applies exactly when ``rngs`` are given.
         """
         cfg = self.cfg
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, length] int, got shape {tokens.shape}")
-        if positions is None:
-            if cache is not None:
-                raise ValueError("decoding with a cache needs explicit positions [B, T]")
-            positions = (
-                positions_from_segments(segment_ids)
-                if segment_ids is not None
-                else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-            )
-        dtype = jnp.dtype(cfg.dtype)
-        x = self.embed(tokens, dtype)  # (B, T, D)
-        if cfg.embed_scale:  # the paper, section 3.4
-            x = x * jnp.sqrt(jnp.asarray(cfg.d_model, dtype))
-        x = self.position.embed(x, positions)
-        x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
-
-        mask = masks.segment(segment_ids, segment_ids) if segment_ids is not None else None
-        k_positions, index = positions, None
-        if cache is not None:
-            index = cache.index
-            k_positions = write_positions(cache.positions, positions, index)  # (B, S_max)
-        bias = self.position.attention_bias(positions, k_positions)  # None or (B|1, N, T, S)
-
+        x, mask, bias, index = core.stack_inputs(
+            cfg, self.embed, self.position, self.embed_dropout, tokens, segment_ids, positions,
+            cache, rngs,
+        )  # fmt: skip
         x, layer_caches = run_stack(
             self.blocks,
             x,
-            n_layers=cfg.n_layers,
-            scan=cfg.scan_layers,
-            remat=cfg.remat,
-            remat_policy=cfg.remat_policy,
-            per_layer={"cache": cache.layers if cache is not None else None},
-            deterministic=deterministic,
+            cfg=cfg,
+            per_layer={"cache": None if cache is None else cache.layers},
             rngs=rngs,
-            positions=positions,
             mask=mask,
             bias=bias,
-            k_positions=k_positions,
             cache_index=index,
         )
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = x if return_hidden else self.output_head()(x)  # (B, T, V)
         if cache is None:
-            return logits
-        return logits, Cache(
-            index=index + tokens.shape[1], positions=k_positions, layers=layer_caches
-        )
+            return x, None
+        return x, cache.advance(tokens.shape[1], mask.k_positions, layer_caches)
 
     def output_head(self) -> LinearHead:
         """The output projection (the untied head, or the embedding table when tied)."""
-        if self.head is None:
-            return LinearHead(kernel=self.embed.embedding[...], tied=True)
-        return LinearHead(
-            kernel=self.head.kernel[...],
-            bias=None if self.head.bias is None else self.head.bias[...],
-            dtype=self.head.dtype,
-        )
-
-
-def init(cfg: Config, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
-    """Builds the model and splits it into a static graph definition and a params pytree."""
-    model = DecoderLM(cfg, rngs=nnx.Rngs(params=rng))
-    return nnx.split(model)
+        return core.linear_head(self.embed, self.head)
 
 
 def apply(
@@ -391,55 +220,46 @@ def apply(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     *,
-    cache: Cache | None = None,
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     return_hidden: bool = False,
-) -> jax.Array | tuple[jax.Array, Cache]:
-    """Pure forward pass: tokens [B, T] -> logits [B, T, V] (plus cache if given).
+) -> jax.Array:
+    """Pure forward pass: tokens [B, T] int -> logits [B, T, V].
 
-    ``return_hidden=True`` returns the final hidden states [B, T, D] instead, for losses that
-    apply the head themselves (``losses.fused_cross_entropy`` with ``output_head``).
+    Args:
+      positions: [B, T] int; default 0..T-1, restarting per packed segment.
+      segment_ids: [B, T] int packed-example ids (0 = padding); tokens attend only within
+        their own segment.
+      deterministic: ``False`` applies dropout, with ``dropout_rng``.
+      dropout_rng: the dropout key.
+      return_hidden: the final hidden states [B, T, D] instead of logits, for losses that
+        apply the head themselves (``losses.fused_cross_entropy`` with ``output_head``).
+    """
+    model, rngs = core.merge(graphdef, params, deterministic=deterministic, dropout_rng=dropout_rng)
+    hidden, _ = model(tokens, positions, segment_ids, rngs=rngs)
+    return hidden if return_hidden else model.output_head()(hidden)
 
-    ``nnx.merge`` runs here, inside whatever ``jax.jit`` the caller wraps around ``apply``, so the
-    NNX graph work is paid once at trace time, not every step.
+
+def apply_cached(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Cache,
+    *,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, Cache]:
+    """Runs new tokens against a KV cache: a prompt (prefill) or one token per row (a step).
+
+    Args:
+      tokens: [B, T] int new tokens.
+      positions: [B, T] int their positions (e.g. prompt length so far + 0..T-1).
+      cache: from ``init_cache`` or a previous call; the tokens are written at ``cache.index``.
+      return_hidden: hidden states [B, T, D] instead of logits.
+    Returns:
+      (logits [B, T, V], the updated cache).
     """
     model = nnx.merge(graphdef, params)
-    rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
-    if not deterministic and rngs is None:
-        raise ValueError("apply(deterministic=False) needs dropout_rng")
-    return model(
-        tokens,
-        positions,
-        segment_ids,
-        cache=cache,
-        deterministic=deterministic,
-        rngs=rngs,
-        return_hidden=return_hidden,
-    )
-
-
-def output_head(graphdef: nnx.GraphDef, params: nnx.State) -> LinearHead:
-    """The output projection as arrays: ``apply(...) == output_head(...)(apply(...,
-    return_hidden=True))``. Call it inside the differentiated function so gradients reach
-    ``params``."""
-    return nnx.merge(graphdef, params).output_head()
-
-
-def param_count(cfg: Config) -> int:
-    """Number of parameters, computed with ``jax.eval_shape`` (no memory is allocated)."""
-    _, shapes = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
-    return sum(x.size for x in jax.tree.leaves(shapes))
-
-
-def relayout(
-    cfg: Config, params: nnx.State, *, scan_layers: bool
-) -> tuple[Config, nnx.GraphDef, nnx.State]:
-    """The same weights as a scanned (stacked) or unrolled model: -> (cfg, graphdef, params)."""
-    return relayout_layers(
-        lambda c: init(c, jax.random.key(0)),
-        cfg,
-        params,
-        scan_layers=scan_layers,
-        stacks={"blocks": cfg.n_layers},
-    )
+    hidden, new_cache = model(tokens, positions, cache=cache)
+    assert new_cache is not None  # a cache in gives a cache out
+    return (hidden if return_hidden else model.output_head()(hidden)), new_cache

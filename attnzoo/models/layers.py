@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from attnzoo.models.matmul import linear
+from attnzoo import ops
 
 Initializer = Callable[..., jax.Array]
 
@@ -84,10 +84,25 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        y = linear(self.eqn, x.astype(dtype), self.kernel[...].astype(dtype))
+        y = ops.linear(self.eqn, x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+def dense_many(layers: Sequence[Dense], x: jax.Array) -> tuple[jax.Array, ...]:
+    """``tuple(layer(x) for layer in layers)`` for Dense layers of one equation and shape.
+
+    ``ops.linear_many`` may run them as one product (e.g. the q/k/v projections).
+    """
+    dtype = layers[0].dtype or x.dtype
+    ys = ops.linear_many(
+        layers[0].eqn, x.astype(dtype), [d.kernel[...].astype(dtype) for d in layers]
+    )
+    return tuple(
+        y if d.bias is None else y + d.bias[...].astype(dtype)
+        for y, d in zip(ys, layers, strict=True)
+    )
 
 
 class Embed(nnx.Module):
@@ -140,10 +155,9 @@ class LinearHead:
         if preferred_element_type is not None:  # chunked losses: float32 logits from bf16
             spec = "...d,vd->...v" if self.tied else "...d,dv->...v"
             y = jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
-        elif self.tied:
-            y = linear("btd,vd->btv", x, w) if x.ndim == 3 else x @ w.T
         else:
-            y = linear("btd,dv->btv", x, w) if x.ndim == 3 else x @ w
+            rows = "abc"[: x.ndim - 1]
+            y = ops.linear(f"{rows}d,{'vd' if self.tied else 'dv'}->{rows}v", x, w)
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
         return y
@@ -189,12 +203,10 @@ class Norm(nnx.Module):
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU, ``x * Phi(x) = x/2 * (1 + erf(x / sqrt(2)))`` (Hendrycks & Gimpel 2016).
+    """Exact GELU as Hendrycks & Gimpel (2016) write it: ``x/2 * (1 + erf(x / sqrt(2)))``.
 
-    Written with ``erf`` rather than ``jax.nn.gelu(approximate=False)``, which uses ``erfc``:
-    XLA:CPU expands erfc into a longer polynomial-and-exp sequence (CPU profile of the
-    lm_train benchmark: 30 -> 14 ms of activation work per step). The same function within
-    float32 rounding.
+    The same function as ``jax.nn.gelu(x, approximate=False)`` within float32 rounding; this
+    form lowers to fewer operations (``benchmarks/README.md``).
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
 

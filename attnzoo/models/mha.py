@@ -8,13 +8,15 @@ so the causal test ``k_pos <= q_pos`` excludes them with no separate validity ma
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo.models.attention import dot_product_attention
-from attnzoo.models.layers import Dense, Norm
-from attnzoo.models.matmul import linear
+from attnzoo.models.layers import Dense, Norm, dense_many
+from attnzoo.models.masks import MaskSpec
 from attnzoo.models.positional import PositionConfig, make_layer_encoding
 
 EMPTY_POSITION = jnp.iinfo(jnp.int32).max
@@ -24,9 +26,8 @@ EMPTY_POSITION = jnp.iinfo(jnp.int32).max
 class KVCache:
     """One layer's cached keys and values, stored heads-major: [B, K, S_max, H] each.
 
-    Heads before slots is the layout the attention dots read directly: with [B, S_max, K, H]
-    XLA transposes the whole cache of every layer at every decode step (measured 7x slower per
-    attention step on CPU). ``keys_values()`` gives the [B, S_max, K, H] view that
+    Heads before slots is the layout the attention dots read directly, so no decode step
+    transposes the whole cache. ``keys_values()`` gives the [B, S_max, K, H] view that
     ``dot_product_attention`` takes; that transpose folds into the dots.
     """
 
@@ -153,18 +154,14 @@ class MultiHeadAttention(nnx.Module):
     def _project_self(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Self-attention q [B, T, N, H] and k, v [B, T, K, H] of ``x`` [B, T, D].
 
-        The projections share their input, so their kernels are stacked on a new axis and
-        applied as one matmul (q, k, v together when N == K; q alone and k, v together for
-        GQA/MQA): fewer dot launches, and a wider dot runs closer to the matmul peak (CPU
-        profile of the lm_train benchmark: 123 -> 107 ms of projection work per step).
-        Stacking keeps the heads axis whole, so a rules table that shards heads shards the
-        stack the same way, with no resharding.
+        The projections share their input, so they go through ``dense_many`` together (q with
+        k and v when their shapes agree, i.e. not GQA/MQA).
         """
         if self.n_heads == self.n_kv_heads:
-            q, k, v = _stacked((self.q, self.k, self.v), x)
+            q, k, v = dense_many((self.q, self.k, self.v), x)
         else:
             q = self.q(x)
-            k, v = _stacked((self.k, self.v), x)
+            k, v = dense_many((self.k, self.v), x)
         if self.k_norm is not None:
             k = self.k_norm(k)
         return q, k, v
@@ -183,78 +180,78 @@ class MultiHeadAttention(nnx.Module):
         self,
         x: jax.Array,
         *,
-        q_positions: jax.Array,
+        mask: MaskSpec | None = None,
         kv: jax.Array | None = None,
         kv_projected: tuple[jax.Array, jax.Array] | None = None,
-        k_positions: jax.Array | None = None,
-        mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
-        q_segment_ids: jax.Array | None = None,
-        k_segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Attends from ``x`` [B, T, D] to itself, or to ``kv`` [B, S, D] (cross-attention).
 
         Args:
-          q_positions: [B, T] positions of the queries.
+          mask: positions, segment ids and any dense mask of the queries and keys
+            (``masks.MaskSpec``), built once per stack; this layer adds its own ``causal`` and
+            ``sliding_window``. ``q_positions`` [B, T] also drive the positional encoding
+            (default 0..T-1); with a cache, ``k_positions`` [B, S_max] are every slot's
+            position after this write (``write_positions``).
           kv / kv_projected: cross-attention source, raw [B, S, D] or already projected keys
             and values (``project_kv``).
-          k_positions: [B, S] key positions (default ``q_positions``; with a cache, the
-            positions of every cache slot after this write).
-          mask: extra bool mask broadcastable to [B, N, T, S] (padding, segments).
-          q_segment_ids, k_segment_ids: [B, T], [B, S] packed-segment ids (0 = padding), the
-            structured alternative to a ``masks.segment`` array: the blockwise path then
-            builds the segment mask per block (k_segment_ids defaults to q_segment_ids for
-            self-attention without a cache).
           bias: logits bias [B or 1, N, T, S] (ALiBi, T5), computed once per stack.
           cache, cache_index: this layer's KV cache and per-row write slot [B]; new keys are
             written at ``cache_index`` and attention runs over the whole cache.
         Returns:
           ([B, T, D] output, updated cache or None).
         """
+        spec = mask if mask is not None else MaskSpec()
         is_self = kv is None and kv_projected is None
-        if is_self:
-            q, k, v = self._project_self(x)
+        if kv_projected is not None:
+            q, (k, v) = self.q(x), kv_projected
+        elif kv is not None:
+            q, (k, v) = self.q(x), self.project_kv(kv)
         else:
-            q = self.q(x)
-            k, v = kv_projected if kv_projected is not None else self.project_kv(kv)
+            q, k, v = self._project_self(x)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        if is_self and self.position is not None:
-            q = self.position.rotate(q, q_positions, is_key=False)
-            k = self.position.rotate(k, q_positions, is_key=True)
+        rel_k = rel_v = None
+        if is_self:
+            q_positions = spec.q_positions
+            if q_positions is None:
+                q_positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+            if cache is not None and spec.k_positions is None:
+                raise ValueError(
+                    "attention with a cache needs k_positions and cache_index: pass "
+                    "mask=MaskSpec(k_positions=...), every slot's position (write_positions)"
+                )
+            k_positions = spec.k_positions if spec.k_positions is not None else q_positions
+            spec = dataclasses.replace(
+                spec,
+                q_positions=q_positions,
+                k_positions=k_positions,
+                causal=spec.causal or self.causal,
+                sliding_window=self.sliding_window or spec.sliding_window,
+            )
+            if self.position is not None:
+                q = self.position.rotate(q, q_positions, is_key=False)
+                k = self.position.rotate(k, q_positions, is_key=True)
+                rel_k, rel_v = self.position.relative(q_positions, k_positions)
         if cache is not None:
-            if k_positions is None or cache_index is None:
+            if cache_index is None:
                 raise ValueError("attention with a cache needs k_positions and cache_index")
             cache = cache.write(k, v, cache_index)
             k, v = cache.keys_values()
-        if k_positions is None:
-            k_positions = q_positions if is_self else None
-        if q_segment_ids is not None and k_segment_ids is None:
-            if not is_self or cache is not None:
-                raise ValueError(
-                    "q_segment_ids without k_segment_ids only works for self-attention "
-                    "without a cache; pass k_segment_ids for the keys"
-                )
-            k_segment_ids = q_segment_ids
-        rel_k = rel_v = None
-        if is_self and self.position is not None:
-            rel_k, rel_v = self.position.relative(q_positions, k_positions)
         dropout_rng = None
         if not deterministic and self.dropout > 0.0:
             if rngs is None:
                 raise ValueError("attention dropout needs rngs when deterministic=False")
             dropout_rng = rngs.dropout()
-        # Causal and sliding-window masks go in as structure (positions), not dense arrays, so
-        # the blockwise path never materialises a [T, S] mask.
         out = dot_product_attention(
             q,
             k.astype(q.dtype),
             v.astype(q.dtype),
-            mask=mask,
+            mask=spec,
             bias=bias,
             scale=self.scale,
             rel_k=rel_k,
@@ -262,21 +259,5 @@ class MultiHeadAttention(nnx.Module):
             dropout_rate=0.0 if deterministic else self.dropout,
             dropout_rng=dropout_rng,
             implementation=self.implementation,
-            causal=is_self and self.causal,
-            sliding_window=self.sliding_window if is_self else None,
-            q_positions=q_positions,
-            k_positions=k_positions,
-            q_segment_ids=q_segment_ids,
-            k_segment_ids=k_segment_ids,
         )
         return self.o(out), cache
-
-
-def _stacked(dense: tuple[Dense, ...], x: jax.Array) -> tuple[jax.Array, ...]:
-    """Applies ``"btd,dnh->btnh"`` Dense layers of equal shape to ``x`` as one matmul."""
-    dtype = dense[0].dtype or x.dtype
-    w = jnp.stack([d.kernel[...] for d in dense], axis=1).astype(dtype)  # (D, P, N, H)
-    y = linear("btd,dpnh->btpnh", x.astype(dtype), w)  # (B, T, P, N, H)
-    if dense[0].bias is not None:
-        y = y + jnp.stack([d.bias[...] for d in dense]).astype(dtype)
-    return tuple(y[:, :, i] for i in range(len(dense)))

@@ -34,12 +34,15 @@ class PositionConfig:
       rope_scaling: ``None``, ``"linear"``, ``"dynamic"`` (NTK), ``"yarn"`` or ``"llama3"``.
       rope_factor: context-extension factor of the scaling.
       rope_original_max_len: pre-extension context length the scalings refer to.
-      yarn_beta_fast, yarn_beta_slow: YaRN ramp boundaries (in rotations).
+      yarn_beta_fast: YaRN ramp boundary, in rotations (high-frequency end).
+      yarn_beta_slow: YaRN ramp boundary, in rotations (low-frequency end).
       yarn_attention_factor: YaRN cos/sin amplitude; ``None`` = ``0.1 ln(rope_factor) + 1``.
       yarn_truncate: round the YaRN ramp boundaries to whole dims (as Hugging Face's default).
-      llama3_low_freq_factor, llama3_high_freq_factor: Llama-3 scaling band edges.
+      llama3_low_freq_factor: Llama-3 scaling band edge (low-frequency side).
+      llama3_high_freq_factor: Llama-3 scaling band edge (high-frequency side).
       xpos_scale_base: xPos decay base gamma.
-      num_buckets, max_distance: T5 relative-position buckets.
+      num_buckets: number of T5 relative-position buckets.
+      max_distance: T5 relative distance from which on all distances share a bucket.
       shaw_max_distance: Shaw clipping distance k (2k+1 relative embeddings).
     """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.core import Tracer
 
 from attnzoo.models import layers
 from attnzoo.models.positional.base import Encoding, PositionConfig, register
@@ -37,7 +38,7 @@ class Learned(Encoding):
                 f"sequence length {x.shape[1]} exceeds the learned position table "
                 f"(max_len={max_len}); {fix}"
             )
-        if not isinstance(positions, jax.core.Tracer):  # concrete: check values eagerly
+        if not isinstance(positions, Tracer):  # concrete: check values eagerly
             top = int(jnp.max(positions)) if positions.size else 0
             if top >= max_len:
                 raise ValueError(

@@ -127,27 +127,69 @@ def _llama3(config: PositionConfig, inv_freq: jax.Array) -> jax.Array:
     return jnp.where(is_medium, blended, scaled)
 
 
-def rotate(
-    x: jax.Array, angles: jax.Array, *, layout: str = "half", amplitude: float | jax.Array = 1.0
+def apply_rope(
+    inputs: jax.Array,
+    positions: jax.Array,
+    *,
+    inv_freq: jax.Array | None = None,
+    attention_factor: float | jax.Array | None = None,
+    layout: str = "half",
+    base: float = 10000.0,
+    fraction: float = 1.0,
+    scaling: str | None = None,
+    factor: float = 1.0,
+    original_max_len: int = 2048,
+    **scaling_options: float,
 ) -> jax.Array:
-    """Rotates the first R dims of ``x`` by ``angles``, scaling cos and sin by ``amplitude``.
+    """Rotary embedding of queries or keys (both get the same rotation): the RoPE primitive.
+
+    Rotates pair ``i`` of the first R dims of every head by ``positions * inv_freq[i]``; dims
+    past R pass through. Computed in float32.
 
     Args:
-      x: [B, T, N, H].
-      angles: [B, T, R/2] radians, one per rotated pair (R <= H).
-      layout: ``"half"`` or ``"interleaved"`` pairing (module docstring).
-      amplitude: scalar or [B, T, R/2] multiplier of cos and sin (YaRN, xPos).
+      inputs: [B, T, N, H] queries or keys.
+      positions: [B, T] int positions.
+      inv_freq: [R/2] float32 frequencies theta_i (``rope_inv_freq``), ``R <= H``. When given,
+        the frequency options (``base`` ... ``scaling_options``) are not read.
+      attention_factor: scalar or [B, T, R/2] multiplier of cos and sin (YaRN's mscale, xPos's
+        decay); default the scaling's own (YaRN) or 1.0.
+      layout: ``"half"`` (GPT-NeoX/LLaMA) or ``"interleaved"`` (GPT-J) pairing.
+      base: theta base.
+      fraction: share of H that rotates (partial rotary); the rest passes through.
+      scaling: ``None``, ``"linear"``, ``"dynamic"``, ``"yarn"`` or ``"llama3"``; ``dynamic``
+        reads the length as ``max(positions) + 1``.
+      factor: context-extension factor of the scaling.
+      original_max_len: context length the model was trained on.
+      scaling_options: further ``PositionConfig`` fields (``yarn_beta_fast``,
+        ``llama3_low_freq_factor``, ...).
     Returns:
-      [B, T, N, H] in ``x.dtype``; computed in float32.
+      [B, T, N, H] in ``inputs.dtype``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown rope_layout {layout!r}; valid: {LAYOUTS}")
-    R = 2 * angles.shape[-1]
-    if R > x.shape[-1]:
-        raise ValueError(f"{R} rotary dims exceed head_dim {x.shape[-1]}")
-    xr, x_pass = x[..., :R].astype(jnp.float32), x[..., R:]
-    cos = (jnp.cos(angles) * amplitude)[:, :, None, :]  # (B, T, 1, R/2)
-    sin = (jnp.sin(angles) * amplitude)[:, :, None, :]
+    if inv_freq is None:
+        config = PositionConfig(
+            kind="rope",
+            rope_base=base,
+            rope_fraction=fraction,
+            rope_layout=layout,
+            rope_scaling=scaling,
+            rope_factor=factor,
+            rope_original_max_len=original_max_len,
+        ).replace(**scaling_options)
+        inv_freq, scaling_factor = rope_frequencies(config, inputs.shape[-1], positions)
+        attention_factor = scaling_factor if attention_factor is None else attention_factor
+    elif scaling is not None or scaling_options:
+        raise ValueError("give either inv_freq or the scaling options that compute it, not both")
+    if attention_factor is None:
+        attention_factor = 1.0
+    R = 2 * inv_freq.shape[-1]
+    if R > inputs.shape[-1]:
+        raise ValueError(f"{R} rotary dims exceed head_dim {inputs.shape[-1]}")
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, R/2)
+    xr, x_pass = inputs[..., :R].astype(jnp.float32), inputs[..., R:]
+    cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]  # (B, T, 1, R/2)
+    sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
     if layout == "half":
         x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -155,65 +197,32 @@ def rotate(
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         # (B, T, N, R/2, 2) -> (B, T, N, R): pairs back in place
         out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
-    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+    return jnp.concatenate([out.astype(inputs.dtype), x_pass], axis=-1)
 
 
-def rope_angles(
+def rope_frequencies(
     config: PositionConfig, head_dim: int, positions: jax.Array
 ) -> tuple[jax.Array, float]:
-    """positions [B, T] -> (angles [B, T, R/2] float32, attention_factor)."""
-    seq_len = jnp.max(positions) + 1 if config.rope_scaling == "dynamic" else None
-    inv_freq, attention_factor = rope_inv_freq(config, head_dim, seq_len=seq_len)
-    return positions.astype(jnp.float32)[..., None] * inv_freq, attention_factor
+    """``rope_inv_freq`` for a call at ``positions`` [B, T]: (inv_freq [R/2], attention_factor).
 
-
-def apply_rope(
-    x: jax.Array,
-    positions: jax.Array,
-    *,
-    base: float = 10000.0,
-    fraction: float = 1.0,
-    layout: str = "half",
-    scaling: str | None = None,
-    factor: float = 1.0,
-    original_max_len: int = 2048,
-    **scaling_options: float,
-) -> jax.Array:
-    """Rotary embedding of queries or keys (both get the same rotation).
-
-    Args:
-      x: [B, T, N, H] queries or keys.
-      positions: [B, T] int positions.
-      base: theta base.
-      fraction: share of H that rotates (partial rotary); the rest passes through.
-      layout: ``"half"`` (GPT-NeoX/LLaMA) or ``"interleaved"`` (GPT-J).
-      scaling: ``None``, ``"linear"``, ``"dynamic"``, ``"yarn"`` or ``"llama3"``.
-      factor: context-extension factor of the scaling.
-      original_max_len: context length the model was trained on.
-      scaling_options: further ``PositionConfig`` fields (``yarn_beta_fast``,
-        ``llama3_low_freq_factor``, ...).
-    Returns:
-      [B, T, N, H] in ``x.dtype``.
+    Only ``dynamic`` scaling reads the positions (length ``max(positions) + 1``).
     """
-    config = PositionConfig(
-        kind="rope",
-        rope_base=base,
-        rope_fraction=fraction,
-        rope_layout=layout,
-        rope_scaling=scaling,
-        rope_factor=factor,
-        rope_original_max_len=original_max_len,
-        **scaling_options,
-    )
-    angles, attention_factor = rope_angles(config, x.shape[-1], positions)
-    return rotate(x, angles, layout=layout, amplitude=attention_factor)
+    seq_len = jnp.max(positions) + 1 if config.rope_scaling == "dynamic" else None
+    return rope_inv_freq(config, head_dim, seq_len=seq_len)
 
 
 class Rope(LayerEncoding):
     def rotate(self, x: jax.Array, positions: jax.Array, *, is_key: bool) -> jax.Array:
+        """x: [B, T, N, H] queries or keys, positions [B, T] -> rotated [B, T, N, H]."""
         c = self.config
-        angles, attention_factor = rope_angles(c, x.shape[-1], positions)
-        return rotate(x, angles, layout=c.rope_layout, amplitude=attention_factor)
+        inv_freq, attention_factor = rope_frequencies(c, x.shape[-1], positions)
+        return apply_rope(
+            x,
+            positions,
+            inv_freq=inv_freq,
+            attention_factor=attention_factor,
+            layout=c.rope_layout,
+        )
 
 
 register("rope", layer=Rope)

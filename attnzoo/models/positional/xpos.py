@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attnzoo.models.positional.base import LayerEncoding, PositionConfig, register
-from attnzoo.models.positional.rope import rope_angles, rotary_dims, rotate
+from attnzoo.models.positional.rope import apply_rope, rope_inv_freq, rotary_dims
 
 
 def xpos_scale(positions: jax.Array, rot_dim: int, *, scale_base: float, is_key: bool) -> jax.Array:
@@ -55,9 +55,11 @@ def _xpos(config: PositionConfig, x: jax.Array, positions: jax.Array, *, is_key:
             f"{config.rope_scaling!r}); use kind='rope' for them or drop the scaling"
         )
     rot = rotary_dims(x.shape[-1], config.rope_fraction)
-    angles, _ = rope_angles(config, x.shape[-1], positions)
+    inv_freq, _ = rope_inv_freq(config, x.shape[-1])
     scale = xpos_scale(positions, rot, scale_base=config.xpos_scale_base, is_key=is_key)
-    return rotate(x, angles, layout=config.rope_layout, amplitude=scale)
+    return apply_rope(
+        x, positions, inv_freq=inv_freq, attention_factor=scale, layout=config.rope_layout
+    )
 
 
 class XPos(LayerEncoding):

@@ -1,26 +1,21 @@
-"""Rows-times-weight products in the operand layouts XLA:CPU runs fastest.
+"""Weight products in the operand layouts XLA:CPU runs fastest: ``attnzoo.ops`` for CPU.
 
-``linear(eqn, x, w)`` is ``jnp.einsum(eqn, x, w)`` for products of activation rows and a
-weight (every ``Dense`` layer, the output head). On GPU and TPU it is exactly that einsum:
-their compilers choose dot layouts themselves. XLA:CPU runs a dot through its fast YNNPACK
-kernels only when each operand's contracted dimension is where a row-major matmul expects
-it; other dots fall back to a slower Eigen path. Two cases need help, and both are chosen
-at trace time from ``jax.default_backend()``:
+XLA:CPU runs a dot on its fast YNNPACK kernels only when each operand's contracted dimension
+is where a row-major matmul expects it; other dots fall back to a slower Eigen path. Three
+places need help, chosen here so that model code stays plain ``jnp.einsum``:
 
-* **Training**: reverse-mode autodiff turns ``y = x W`` into the weight gradient
-  ``dW = x^T dy``, a dot contracting the first dimension of both operands, which XLA:CPU
-  runs on Eigen (a lone ``[256, 256]^T x [256, 8192]`` product: 114 GFLOP/s against 148
-  in the canonical form) and, in a training step, asynchronously beside the YNNPACK dots it
-  slows down. ``_rows_times_weight`` writes the derivative so that the weight gradient is a
-  canonical ``[K, R] x [R, N]`` dot of a materialised transpose of the narrower operand
-  (``x`` for ``[256 -> 1024]``, ``dy`` for ``[1024 -> 256]``). Every dot of the
-  ``mt_train`` benchmark's projections then runs at 145-175 GFLOP/s; the whole step got
-  1.6% faster (paired in-process A/B, 60 alternating steps, 90% CI 0.8-3.1%), ``lm_train``
-  within noise (0.996, 0.998). It is a ``custom_jvp``, so forward mode still works.
-* **Incremental decoding** (``few_row_matmuls``): weight-stationary ``[out, in] x [in, rows]``
-  dots for a handful of rows.
+* **Training**: reverse mode turns ``y = x W`` into ``dW = x^T dy``, a dot contracting the
+  first dimension of both operands (Eigen). ``_rows_times_weight`` is a ``custom_jvp`` whose
+  transpose makes the weight gradient a canonical ``[K, R] x [R, N]`` dot; forward mode and
+  Hessians still work.
+* **Incremental decoding** (``few_rows``): weight-stationary ``[out, in] x [in, rows]`` dots
+  stream a weight 2-3x faster than ``[rows, in] x [in, out]`` when there are ~8 rows.
+* **Shared-input projections** (``linear_many``): q, k and v as one wider dot.
 
-Results equal the plain einsum up to float32 summation order.
+The measurements behind each choice are in ``benchmarks/README.md`` ("Where each CPU
+measure lives").
+Results equal the plain einsum up to float32 summation order. ``enable()`` installs them;
+``attnzoo.backends.tune_for_platform()`` does so when JAX runs on the CPU.
 """
 
 from __future__ import annotations
@@ -29,11 +24,13 @@ import contextlib
 import contextvars
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from attnzoo import ops
 
 _FEW_ROWS = contextvars.ContextVar("attnzoo_few_row_matmuls", default=False)
 
@@ -46,20 +43,15 @@ _SPLIT_ELEMENTS = (3 * 2**16, 2**21)
 
 
 @contextlib.contextmanager
-def few_row_matmuls(enabled: bool = True) -> Iterator[None]:
-    """Dense layers traced inside compute ``y^T = W^T x^T``, weights pre-transposed ``[out, in]``.
+def few_rows(enabled: bool = True) -> Iterator[None]:
+    """Products traced inside compute ``y^T = W^T x^T``, weights pre-transposed ``[out, in]``.
 
-    For incremental decoding (a handful of rows per matmul) on CPU. XLA:CPU's dot kernels
-    stream a row-major ``[in, out]`` weight 2-3x slower when the other operand has ~8 rows
-    than a ``[out, in]`` weight producing a ``[out, rows]`` result (``[8, 256] x [256, 8192]``:
-    0.73 -> 0.30 ms; ``[8, 1024] x [1024, 256]``: 0.11 -> 0.06 ms). The transposed weights
-    depend only on the parameters, so inside the generation ``while_loop`` XLA hoists them
-    out and pays the copy once per call; inside a ``lax.scan`` over stacked layers they
-    depend on the layer index and would be re-copied every step, so callers pass
-    ``enabled=False`` there. Mid-size weights run as two half-matmuls, which XLA:CPU schedules
-    on two cores (``_SPLIT_ELEMENTS``). A no-op on other backends.
+    Inside a generation ``while_loop`` the transposed weights depend only on the parameters,
+    so XLA hoists the copy out of the loop; inside a ``lax.scan`` over stacked layers they
+    would be re-copied every step, so callers pass ``enabled=False`` there. Mid-size weights
+    run as two half-matmuls, which XLA:CPU schedules on two cores (``_SPLIT_ELEMENTS``).
     """
-    token = _FEW_ROWS.set(enabled and jax.default_backend() == "cpu")
+    token = _FEW_ROWS.set(enabled)
     try:
         yield
     finally:
@@ -69,13 +61,11 @@ def few_row_matmuls(enabled: bool = True) -> Iterator[None]:
 def linear(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """``jnp.einsum(eqn, x, w)`` for ``x``-rows times weight, e.g. ``"btd,dnh->btnh"``.
 
-    On CPU it runs as the 2-D product ``[rows, in] x [in, out]`` whose derivative keeps the
-    weight gradient a canonical dot, or under ``few_row_matmuls`` as a weight-stationary
-    ``[out, in] x [in, rows]`` dot; the answer is the same einsum either way. Other equations
-    (rows summed away; per-head weights outside ``few_row_matmuls``) run as the einsum itself.
+    It runs as the 2-D product ``[rows, in] x [in, out]`` whose derivative keeps the weight
+    gradient a canonical dot, or under ``few_rows`` as a weight-stationary ``[out, in] x
+    [in, rows]`` dot; the answer is the same einsum either way. Other equations (rows summed
+    away; per-head weights outside ``few_rows``) run as the einsum itself.
     """
-    if jax.default_backend() != "cpu":
-        return jnp.einsum(eqn, x, w)
     xs, ws, out, rows, contracted, feats = _labels(eqn)
     if sorted(rows + feats) != sorted(out):
         return jnp.einsum(eqn, x, w)  # not a plain rows-times-weight product
@@ -103,8 +93,25 @@ def _labels(eqn: str) -> tuple[str, str, str, str, str, str]:
     return xs, ws, out, rows, contracted, feats
 
 
+def linear_many(eqn: str, x: jax.Array, ws: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """``linear(eqn, x, w)`` for each of ``ws`` (equal shapes) as one product of the stack.
+
+    A wider dot runs closer to the matmul peak, and one launch replaces several. The stack's
+    axis goes right before the weight's first output label, so a rules table that shards the
+    heads axis shards the stack the same way.
+    """
+    if len(ws) == 1:
+        return (linear(eqn, x, ws[0]),)
+    xs, wl, out, rows, contracted, feats = _labels(eqn)
+    p = next(c for c in "pqsuvwxyz" if c not in eqn)
+    w_at, out_at = wl.index(feats[0]), out.index(feats[0])
+    stacked_eqn = f"{xs},{wl[:w_at]}{p}{wl[w_at:]}->{out[:out_at]}{p}{out[out_at:]}"
+    y = linear(stacked_eqn, x, jnp.stack(list(ws), axis=w_at))
+    return tuple(jnp.moveaxis(y, out_at, 0))
+
+
 def _few_rows_linear(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """``linear`` under ``few_row_matmuls``: weight-stationary ``[out, in] x [in, rows]``."""
+    """``linear`` under ``few_rows``: weight-stationary ``[out, in] x [in, rows]``."""
     xs, ws, out, rows, contracted, feats = _labels(eqn)
     if any(c in xs for c in feats):  # a batch dimension (per-head weights): no 2-D form
         wt_spec = feats + contracted
@@ -161,3 +168,11 @@ def _weight_term(x: jax.Array, dw: jax.Array) -> jax.Array:
     # dW^T [F, C] = dy^T [F, R] @ x [R, C], then one small [F, C] -> [C, F] transpose
     y_t = lax.dot_general(lax.optimization_barrier(dw.T), x, (((1,), (1,)), ((), ())))
     return lax.optimization_barrier(y_t).T
+
+
+OPS = ops.Ops("xla-cpu", linear=linear, linear_many=linear_many, few_rows=few_rows)
+
+
+def enable() -> ops.Ops:
+    """Installs these products for every model traced from now on; returns the previous ones."""
+    return ops.install(OPS)

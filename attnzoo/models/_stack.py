@@ -9,7 +9,7 @@ weights between the two layouts; ``take_layers`` gathers batch rows of per-layer
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +18,13 @@ from flax import nnx
 from attnzoo.models.blocks import Block, check_remat_policy
 from attnzoo.models.mha import KVCache
 
+# a tuple of per-layer KVCache, one stacked KVCache, or None
+_Layers = TypeVar("_Layers", bound=tuple[KVCache, ...] | KVCache | None)
+
 
 def make_stack(
     factory: Callable[[nnx.Rngs], Block], n_layers: int, *, scan: bool, rngs: nnx.Rngs
-) -> nnx.Module:
+) -> Any:
     """``n_layers`` blocks from ``factory(rngs)``.
 
     ``scan=False``: an ``nnx.List`` of blocks. ``scan=True``: a single block whose params carry a
@@ -40,15 +43,11 @@ def make_stack(
 
 
 def run_stack(
-    blocks: nnx.Module,
+    blocks: Any,
     x: jax.Array,
     *,
-    n_layers: int,
-    scan: bool,
-    remat: bool = False,
-    remat_policy: str = "dots_with_no_batch_dims_saveable",
+    cfg: Any,
     per_layer: Any = None,
-    deterministic: bool = True,
     rngs: nnx.Rngs | None = None,
     **shared: Any,
 ) -> tuple[jax.Array, Any]:
@@ -58,16 +57,20 @@ def run_stack(
       per_layer: a dict of per-layer inputs (``cache``, ``encoded_kv``): tuples of one entry per
         layer when unrolled, pytrees with a leading layer axis when scanned. ``None`` entries
         are fine.
-      remat: ``jax.checkpoint`` each block with ``jax.checkpoint_policies.<remat_policy>``.
+      cfg: the model config: ``scan_layers`` says how the stack was built; ``remat``
+        checkpoints each block with ``jax.checkpoint_policies.<remat_policy>``.
+      rngs: apply dropout with these (``None``: deterministic).
       shared: keyword arguments every block receives unchanged (positions, masks, bias...).
     Returns:
       (x [B, T, D], the blocks' returned caches in the layout of ``per_layer["cache"]``).
     """
+    scan, deterministic = cfg.scan_layers, rngs is None
     per_layer = dict(per_layer or {})
     # One dropout key per layer, split the same way in both layouts, so scanned and unrolled
     # stacks draw identical dropout masks.
     keys = None
-    if not deterministic and rngs is not None:
+    if rngs is not None:
+        n_layers = jax.tree.leaves(nnx.state(blocks))[0].shape[0] if scan else len(blocks)
         keys = jax.random.split(rngs.dropout(), n_layers)
 
     def layer(graphdef, state, h, inputs, key):
@@ -75,13 +78,13 @@ def run_stack(
         layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
         return block(h, **shared, **inputs, deterministic=deterministic, rngs=layer_rngs)
 
-    if remat:
-        check_remat_policy(remat_policy)
-        # scan's loop boundary already stops XLA from CSE-ing the recomputation away
+    if cfg.remat:
+        check_remat_policy(cfg.remat_policy)
+        # scan's loop boundary already stops the compiler from CSE-ing the recomputation away
         layer = jax.checkpoint(
             layer,
             static_argnums=(0,),
-            policy=getattr(jax.checkpoint_policies, remat_policy),
+            policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
             prevent_cse=not scan,
         )
 
@@ -132,10 +135,10 @@ def relayout_layers(
     return target, graphdef, out
 
 
-def take_layers(layers: tuple[KVCache, ...] | KVCache | None, rows: jax.Array):
+def take_layers(layers: _Layers, rows: jax.Array) -> _Layers:
     """Batch rows ``rows`` [B'] of per-layer caches (a tuple of [B, ...] caches, or one stacked
     [L, B, ...] cache from a scanned stack). Beam search reorders and expands caches with it."""
     if layers is None:
-        return None
+        return layers
     axis = 1 if isinstance(layers, KVCache) else 0
     return jax.tree.map(lambda a: jnp.take(a, rows, axis=axis), layers)

@@ -1,14 +1,11 @@
-"""Host runtime tuning for CPU jobs: keep XLA's per-step buffers out of the page-fault path.
+"""Host allocator tuning for CPU jobs: keep XLA's per-step buffers out of the page-fault path.
 
-XLA:CPU allocates a fresh temporary buffer for every execution of a compiled program (the
-``lm_train`` benchmark step: one 468 MB block) and frees it afterwards. glibc serves blocks that
-large with ``mmap`` and returns them with ``munmap``, so every step faults in ~120k new pages
-that the kernel must zero: a third of a CPU-second per step on the 2-core dev machine
-(``getrusage``: 120k minor faults per step; ``strace``: one 468 MB mmap/munmap pair per step).
-Keeping freed memory inside the process (one malloc arena, no mmap, no trimming) lets the next
-step reuse the same, already-mapped pages: 0 faults per step and ~20% faster training steps.
-It is what ``LD_PRELOAD``-ing tcmalloc or jemalloc does for TensorFlow and PyTorch CPU jobs,
-done with glibc's own ``mallopt``, so nothing needs installing. Numerics are untouched.
+XLA:CPU allocates a fresh temporary buffer for every run of a compiled program and frees it
+afterwards; glibc serves large blocks with ``mmap``, so every step faults all of it back in.
+Keeping freed memory inside the process (one arena, no mmap, no trimming) lets the next step
+reuse the mapped pages, as ``LD_PRELOAD``-ing tcmalloc does for other frameworks, with glibc's
+own ``mallopt``. Numerics are untouched; the numbers are in ``benchmarks/README.md``
+("Where each CPU measure lives").
 """
 
 from __future__ import annotations
@@ -60,8 +57,8 @@ def tune_host_allocator(*, only_on_cpu: bool = True) -> bool:
 
     Call it before JAX starts its backend (before the first computation or ``jax.devices()``):
     the single-arena setting reaches only threads that have not allocated yet, and XLA creates
-    its worker threads with the backend. ``attnzoo-train``, ``attnzoo-generate`` and the
-    benchmarks call it first thing.
+    its worker threads with the backend. ``attnzoo.backends.tune_for_platform()`` calls it
+    (the CLIs and benchmarks, first thing).
 
     Args:
       only_on_cpu: leave the allocator alone when JAX will run on an accelerator (there the

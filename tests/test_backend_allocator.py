@@ -1,4 +1,4 @@
-"""attnzoo.runtime: the host-allocator tuning removes XLA's per-call page faults on CPU."""
+"""attnzoo.backends.allocator: tuning the host allocator removes per-call page faults on CPU."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from attnzoo import runtime
+from attnzoo.backends import allocator
 
 # A jitted program whose temporaries (several 32 MB intermediates) outgrow glibc's mmap
 # threshold: untuned, every call maps fresh pages and faults them in.
 _PROBE = r"""
 import json, resource, sys
-from attnzoo import runtime
-tuned = runtime.tune_host_allocator() if sys.argv[1] == "tune" else False
+from attnzoo.backends import allocator
+tuned = allocator.tune_host_allocator() if sys.argv[1] == "tune" else False
 import jax, jax.numpy as jnp
 
 @jax.jit
@@ -67,6 +67,6 @@ def test_tuned_allocator_reuses_pages_across_calls():
 def test_accelerator_platform_is_left_alone(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     monkeypatch.delitem(sys.modules, "jax", raising=False)  # decide from the environment
-    assert runtime.runs_on_cpu() is False
+    assert allocator.runs_on_cpu() is False
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert runtime.runs_on_cpu() is True
+    assert allocator.runs_on_cpu() is True
