@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_workdir
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -n auto --maxprocesses=4
 
-.PHONY: install dev demo test lint format bench figures clean
+.PHONY: install dev demo test lint format docs bench figures clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,parity]"
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.docs-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e ".[docs]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -42,6 +46,7 @@ demo: install
 lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright --pythonpath $(PY)  # basic mode over attnzoo/: pyproject [tool.pyright]
 
 format: dev
 	$(VENV)/bin/ruff check --fix .
@@ -50,6 +55,11 @@ format: dev
 test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# API reference from the docstrings, plus the README, notebook figures and benchmark results:
+# open site/index.html. --strict turns every mkdocs/mkdocstrings warning into a failure.
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: dev
 	$(PY) -m benchmarks.run --markdown benchmarks/RESULTS.md
 
@@ -57,4 +67,4 @@ figures: dev
 	$(PY) notebooks/make_figures.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache site

@@ -4,11 +4,11 @@
         --config.mesh.data=-1 --config.mesh.fsdp=4 --config.sharding=fsdp
 """
 
-from attnzoo.configs import defaults
+from attnzoo.training import schema
 
 
 def get_config():
-    c = defaults.get_config()
+    c = schema.get_config()
     c.task = "lm"
     c.dataset = "lm1b"
     c.tokenizer = "sentencepiece"

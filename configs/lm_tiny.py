@@ -1,13 +1,13 @@
 """A byte-level LM on the bundled Shakespeare corpus: trains on 2 CPU cores in about 3 minutes.
 
-attnzoo-train --config configs/lm_tiny.py --workdir runs/lm [--config.steps=2000]
+attnzoo-train --config attnzoo:lm_tiny --workdir runs/lm [--config.steps=2000]
 """
 
-from attnzoo.configs import defaults
+from attnzoo.training import schema
 
 
 def get_config():
-    c = defaults.get_config()
+    c = schema.get_config()
     c.task = "lm"
     c.dataset = "shakespeare"
     c.tokenizer = "byte"

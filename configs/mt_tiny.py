@@ -1,13 +1,13 @@
 """English -> Spanish on the bundled Bible corpus: a 2+2-layer Transformer, CPU minutes.
 
-attnzoo-train --config configs/mt_tiny.py --workdir runs/mt
+attnzoo-train --config attnzoo:mt_tiny --workdir runs/mt
 """
 
-from attnzoo.configs import defaults
+from attnzoo.training import schema
 
 
 def get_config():
-    c = defaults.get_config()
+    c = schema.get_config()
     c.task = "mt"
     c.dataset = "bible_en_es"
     c.tokenizer = "sentencepiece"

@@ -5,11 +5,11 @@ per batch, Adam(0.9, 0.98, 1e-9), lrate = d_model^-0.5 min(step^-0.5, step warmu
 warmup 4000, dropout 0.1, label smoothing 0.1, 100k steps.
 """
 
-from attnzoo.configs import defaults
+from attnzoo.training import schema
 
 
 def get_config():
-    c = defaults.get_config()
+    c = schema.get_config()
     c.task = "mt"
     c.dataset = "wmt14_translate/de-en"
     c.tokenizer = "sentencepiece"

@@ -4,11 +4,11 @@ FSDP by default: the optimizer state of 213M parameters is worth sharding on acc
 16 GB.
 """
 
-from attnzoo.configs import wmt14_ende_base
+from attnzoo.training import schema
 
 
 def get_config():
-    c = wmt14_ende_base.get_config()
+    c = schema.load_experiment("wmt14_ende_base")  # the shipped base experiment
     c.model = "transformer_big"
     c.steps = 300_000
     c.mesh.update(data=-1, fsdp=8, tensor=1)

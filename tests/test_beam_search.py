@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 
-from attnzoo.configs import sharding as rules
 from attnzoo.decoding.beam_search import beam_search, length_penalty
 from attnzoo.models import convert, positional
 from attnzoo.models import encoder_decoder as ed
 from attnzoo.models.positional import PositionConfig
+from attnzoo.training import rules
 from attnzoo.training.mesh import make_mesh
 from attnzoo.training.sharding import tree_shardings
 

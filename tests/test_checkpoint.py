@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from attnzoo.configs import defaults, lm_tiny
-from attnzoo.training import checkpoint, experiment, loop
+from attnzoo.training import checkpoint, experiment, loop, schema
 
 TINY = [
     "--config.model_overrides.d_model=32",
@@ -38,7 +37,7 @@ def _train(workdir, *flags):
         "-m",
         "attnzoo.training.cli",
         "--config",
-        lm_tiny.__file__,
+        str(schema.experiment_file("lm_tiny")),
         "--workdir",
         str(workdir),
         *TINY,
@@ -117,7 +116,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def _tiny_config(sizes, strategy):
-    c = defaults.get_config()
+    c = schema.get_config()
     c.model_overrides.update(d_model=32, n_heads=4, d_ff=64, n_layers=1)
     c.update(batch_size=8, seq_len=16, sharding=strategy, async_checkpoints=False)
     c.mesh.update(sizes)
@@ -187,7 +186,7 @@ def test_read_only_open_logs_no_orbax_warnings(tmp_path, caplog):
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    c = lm_tiny.get_config()
+    c = schema.load_experiment("lm_tiny")
     c.model_overrides.update(d_model=32, d_ff=64, n_layers=1)
     c.mesh.data = 1
     # An absurd learning rate: step 1 is finite, step 2 overflows.

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from attnzoo.configs import lm_tiny
-from attnzoo.training import loop
+from attnzoo.training import loop, schema
 
 TRAIN = str(pathlib.Path(sys.executable).parent / "attnzoo-train")
 TINY = [
@@ -22,10 +21,11 @@ TINY = [
 ]
 
 
-def _run(tmp_path, *flags, timeout=240):
+def _run(tmp_path, *flags, timeout=240, config=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    config = config or str(schema.experiment_file("lm_tiny"))
     return subprocess.run(
-        [TRAIN, "--config", lm_tiny.__file__, "--workdir", str(tmp_path / "w"), *flags],
+        [TRAIN, "--config", config, "--workdir", str(tmp_path / "w"), *flags],
         env=env,
         capture_output=True,
         text=True,
@@ -52,12 +52,41 @@ def test_bad_configs_fail_fast_with_what_to_change(tmp_path, flag, message):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_shipped_experiments_by_name(tmp_path):
+    # --config attnzoo:NAME is the installed route to the experiment files; overrides and
+    # --nocpu_tuning apply as with a path (the bad sharding fails after the file loaded).
+    result = _run(tmp_path, "--config.sharding=zero3", "--nocpu_tuning", config="attnzoo:lm_tiny")
+    assert result.returncode != 0
+    assert "set config.sharding to one of" in result.stderr, result.stderr[-2000:]
+    result = _run(tmp_path, config="attnzoo:lm_tinny")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unknown experiment attnzoo:lm_tinny; attnzoo ships " in result.stderr
+    assert "attnzoo:lm_tiny, attnzoo:mt_tiny" in result.stderr, result.stderr[-2000:]
+
+
+def test_every_shipped_experiment_loads_and_validates():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert schema.experiments_dir() == root / "configs"
+    names = schema.experiment_names()
+    assert names == sorted(p.stem for p in (root / "configs").glob("*.py"))
+    assert {"lm_tiny", "mt_tiny", "wmt14_ende_base", "wmt14_ende_big"} <= set(names)
+    for name in names:
+        c = schema.load_experiment(f"attnzoo:{name}")
+        loop.validate_config(c)
+        assert c.to_dict() == schema.load_experiment(str(root / "configs" / f"{name}.py")).to_dict()
+    assert schema.load_experiment("wmt14_ende_big").model == "transformer_big"
+    assert schema.resolve("configs/lm_tiny.py") == "configs/lm_tiny.py"
+    assert schema.resolve("attnzoo:lm_tiny") == str(root / "configs" / "lm_tiny.py")
+    with pytest.raises(ValueError, match="unknown experiment attnzoo:no; attnzoo ships .*lm_tiny"):
+        schema.experiment_file("no")
+
+
 def test_unknown_key_in_a_config_file_is_rejected():
-    c = lm_tiny.get_config()
+    c = schema.load_experiment("lm_tiny")
     c.lerning_rate = 1.0
     with pytest.raises(ValueError, match="unknown config key 'lerning_rate'"):
         loop.validate_config(c)
-    c = lm_tiny.get_config()
+    c = schema.load_experiment("lm_tiny")
     c.mesh.pipeline = 2
     with pytest.raises(ValueError, match="unknown config key 'mesh.pipeline'"):
         loop.validate_config(c)

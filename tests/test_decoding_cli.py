@@ -125,3 +125,23 @@ def test_eval_cli_reports_bleu_for_mt(mt_workdir, capsys):
 def test_missing_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in .*missing"):
         cli.generate_main(["--workdir", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "argv_tail, program, tuned",
+    [
+        ([], False, 0),  # called from Python: the caller's process is left alone
+        (["--cpu_tuning"], False, 1),
+        ([], True, 1),  # run as a program (argv from sys.argv): tuned unless opted out
+        (["--no-cpu_tuning"], True, 0),
+    ],
+)
+def test_cpu_tuning_flag(tmp_path, monkeypatch, argv_tail, program, tuned):
+    calls = []
+    monkeypatch.setattr(cli.backends, "tune_for_platform", lambda: calls.append(1))
+    argv = ["--workdir", str(tmp_path / "missing"), *argv_tail]
+    if program:
+        monkeypatch.setattr(sys, "argv", ["attnzoo-generate", *argv])
+    with pytest.raises(SystemExit, match="no checkpoint in"):
+        cli.generate_main(None if program else argv)
+    assert len(calls) == tuned

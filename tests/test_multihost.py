@@ -16,8 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from attnzoo.configs import lm_tiny
-from attnzoo.training import checkpoint, experiment, input_pipeline, sharding, steps
+from attnzoo.training import checkpoint, experiment, input_pipeline, schema, sharding, steps
 
 STEPS = 6
 OVERRIDES = dict(
@@ -35,7 +34,7 @@ MODEL = dict(d_model=32, d_ff=64, n_layers=1)
 
 
 def _config():
-    c = lm_tiny.get_config()
+    c = schema.load_experiment("lm_tiny")
     c.model_overrides.update(MODEL)
     c.update(OVERRIDES)
     return c
@@ -88,7 +87,7 @@ def test_two_processes_match_one(tmp_path):
                 "-m",
                 "attnzoo.training.cli",
                 "--config",
-                lm_tiny.__file__,
+                str(schema.experiment_file("lm_tiny")),
                 "--workdir",
                 str(tmp_path),
                 f"--coordinator_address=127.0.0.1:{port}",

@@ -1,6 +1,8 @@
 """Packaging and documentation checks: devices, version, imports, README code."""
 
+import ast
 import importlib
+import importlib.util
 import pathlib
 import re
 import tomllib
@@ -42,7 +44,8 @@ def test_public_modules_import():
     assert "attnzoo.models.decoder_lm" in names
     for name in names:
         importlib.import_module(name)
-    importlib.import_module("attnzoo.configs")
+    # configs/ holds experiment files only (attnzoo.training.schema finds them), no package
+    assert importlib.util.find_spec("attnzoo.configs") is None
 
 
 def test_console_scripts_resolve():
@@ -60,3 +63,53 @@ def test_readme_python_blocks_run():
 
 def test_no_top_level_models_or_training_packages():
     assert not (ROOT / "models").exists() and not (ROOT / "training").exists()
+
+
+def _attnzoo_imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
+    """(module-level, function-level) ``attnzoo.*`` modules imported by the file at ``path``."""
+    tree = ast.parse(path.read_text())
+    top, nested = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        names = {n for n in names if n.split(".")[0] == "attnzoo"}
+        (top if node in tree.body else nested).update(names)
+    return top, nested
+
+
+def test_imports_run_one_way():
+    """models <- decoding <- evaluation <- training <- CLIs, at module level and nowhere else."""
+    layer = {"models": 0, "decoding": 1, "evaluation": 2, "training": 3}
+    for path in sorted((ROOT / "attnzoo").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        top, nested = _attnzoo_imports(path)
+        if module.split(".")[1] in ("decoding", "evaluation", "training"):
+            assert not nested, f"{module}: function-level imports {sorted(nested)}"
+        if module.endswith(".cli"):
+            continue  # the CLIs sit on top of everything
+        mine = layer.get(module.split(".")[1])
+        if mine is None:
+            continue
+        for name in top:
+            theirs = layer.get(name.split(".")[1]) if "." in name else None
+            assert theirs is None or theirs <= mine, f"{module} imports {name} (upward)"
+            # training scores translations through attnzoo.evaluation, never decoding itself
+            assert not (mine == 3 and theirs == 1), f"{module} imports {name}"
+
+
+def test_training_api():
+    from attnzoo import training
+
+    assert sorted(training.__all__) == [
+        "TrainState",
+        "load_for_inference",
+        "make_optimizer",
+        "train",
+        "train_step",
+    ]
+    for name in training.__all__:
+        assert getattr(training, name).__doc__, name

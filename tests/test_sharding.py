@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from attnzoo.configs import defaults
-from attnzoo.configs import sharding as rules
-from attnzoo.training import experiment, mesh, sharding
+from attnzoo.training import experiment, mesh, rules, schema, sharding
 
 VOCAB = 64
 STEPS = 3
@@ -21,7 +19,7 @@ MESHES = {
 
 
 def _config(mesh_sizes, strategy):
-    c = defaults.get_config()
+    c = schema.get_config()
     c.model = "tiny"
     # No biases: the key bias gets a gradient that is exactly zero in real arithmetic (softmax
     # ignores a per-query constant), so its float32 rounding noise, which depends on the

@@ -8,12 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from attnzoo.configs import lm_tiny
-from attnzoo.training import checkpoint, input_pipeline, loop, tasks
+from attnzoo.training import checkpoint, input_pipeline, loop, schema, tasks
 
 
 def _config(**kw):
-    c = lm_tiny.get_config()
+    c = schema.load_experiment("lm_tiny")
     c.model_overrides.n_layers = 1
     c.mesh.data = 1  # one device: this test is about learning, test_sharding about meshes
     c.update(
@@ -81,8 +80,7 @@ def test_load_for_inference_restores_the_trained_params(trained):
     assert restored.config.to_dict() == config.to_dict()
     assert restored.model_cfg == tasks.model_config(config, restored.tokenizer.vocab_size)
     # The restored model reproduces the logged eval loss on the same batches.
-    from attnzoo.configs import sharding as rules
-    from attnzoo.training import sharding, steps
+    from attnzoo.training import rules, sharding, steps
 
     mesh = jax.make_mesh(
         (1, 1, 1),

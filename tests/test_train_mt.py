@@ -6,13 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from attnzoo.configs import mt_tiny
 from attnzoo.models import encoder_decoder
-from attnzoo.training import checkpoint, input_pipeline, loop, tasks
+from attnzoo.training import checkpoint, input_pipeline, loop, schema, tasks
 
 
 def _config():
-    c = mt_tiny.get_config()
+    c = schema.load_experiment("mt_tiny")
     c.tokenizer = "byte"  # no sentencepiece training in a unit test
     c.vocab_size = None
     c.model_overrides.update(d_model=64, d_ff=128, n_encoder_layers=1, n_decoder_layers=1)

@@ -8,9 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from attnzoo.configs import defaults
 from attnzoo.models import decoder_lm
-from attnzoo.training import losses, optim, steps
+from attnzoo.training import losses, optim, schema, steps
 
 
 def _np_log_softmax(x):
@@ -74,7 +73,7 @@ def test_rsqrt_schedule_is_the_papers_formula():
 
 
 def test_warmup_cosine_and_constant_schedules():
-    c = defaults.get_config()
+    c = schema.get_config()
     c.update(learning_rate=1.0, warmup_steps=10, steps=110, final_lr_fraction=0.1)
     cos = optim.make_schedule(c, d_model=8)
     assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0)
@@ -112,7 +111,7 @@ def test_weight_decay_skips_biases_and_norms():
     assert not flat["['blocks'][0]['mlp_norm']['scale'].value"]
     assert not flat["['final_norm']['bias'].value"]
     # With zero gradients, AdamW moves only the decayed leaves: p <- p - lr * wd * p.
-    c = defaults.get_config()
+    c = schema.get_config()
     c.update(
         schedule="constant", warmup_steps=0, learning_rate=0.1, weight_decay=0.5, clip_norm=0.0
     )
@@ -127,7 +126,7 @@ def test_weight_decay_skips_biases_and_norms():
 
 def test_adafactor_and_unknown_optimizer(model):
     _, _, params = model
-    c = defaults.get_config()
+    c = schema.get_config()
     c.optimizer = "adafactor"
     tx, _ = optim.make_optimizer(c, d_model=16)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -155,7 +154,7 @@ def _batch(B=8, T=12, V=32, seed=0):
 
 def _step(model, accum, **kw):
     _, graphdef, params = model
-    c = defaults.get_config()
+    c = schema.get_config()
     c.update(learning_rate=1e-2, warmup_steps=0, schedule="constant")
     tx, _ = optim.make_optimizer(c, d_model=16)
     step = jax.jit(
@@ -219,7 +218,7 @@ def test_dropout_rng_changes_the_step_and_is_reproducible(model):
 
 
 def test_config_has_the_stable_keys():
-    c = defaults.get_config()
+    c = schema.get_config()
     for key in (
         "steps",
         "batch_size",

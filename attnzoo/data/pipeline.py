@@ -64,7 +64,7 @@ def lm_batches(
     ``weights`` float32 (1 where the target is a real token). ``num_epochs=None`` repeats forever;
     a finite run ends with a final batch padded with zero-weight rows.
     """
-    key = sources.spec(dataset, task="lm").text_key
+    (key,) = sources.spec(dataset, task="lm").text_features
     _check_args(seq_len, batch_size, shard_index, shard_count, num_epochs, min_seq_len=1)
     ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count).repeat(num_epochs)
 
@@ -119,7 +119,7 @@ def mt_batches(
     ``tgt_inputs``, ``tgt_targets``, ``tgt_segment_ids``, ``tgt_positions`` (int32) and
     ``tgt_weights`` (float32, 1 where the target is a real token).
     """
-    src_key, tgt_key = sources.spec(dataset, task="mt").language_pair
+    src_key, tgt_key = sources.spec(dataset, task="mt").text_features
     _check_args(seq_len, batch_size, shard_index, shard_count, num_epochs, min_seq_len=2)
     ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count)
 
@@ -218,7 +218,8 @@ def _require_some_fit(
     seq_len: int,
 ) -> None:
     """Fails fast where filtering would silently drop everything (an endless or empty epoch)."""
-    probe = [ds[i] for i in range(min(len(ds), _LENGTH_PROBE))]
+    # MapDataset indexing gives None for an element filtered out (none are, before `fits`).
+    probe = [p for i in range(min(len(ds), _LENGTH_PROBE)) if (p := ds[i]) is not None]
     kept = sum(map(fits, probe))
     if kept < len(probe):
         logging.info(

@@ -13,8 +13,8 @@ import dataclasses
 import importlib
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import tensorflow_datasets as tfds
 
@@ -46,6 +46,21 @@ class DatasetSpec:
     text_key: str | None = None
     language_pair: tuple[str, str] | None = None
     vocab_size: int = 32000
+
+    def __post_init__(self):
+        if self.task == "lm" and self.text_key is None:
+            raise ValueError(f"{self.tfds_name}: a task='lm' DatasetSpec needs text_key")
+        if self.task == "mt" and self.language_pair is None:
+            raise ValueError(f"{self.tfds_name}: a task='mt' DatasetSpec needs language_pair")
+
+    @property
+    def text_features(self) -> tuple[str, ...]:
+        """The text features: ``(text_key,)`` for ``"lm"``, ``language_pair`` for ``"mt"``."""
+        if self.task == "mt" and self.language_pair is not None:
+            return self.language_pair
+        if self.task == "lm" and self.text_key is not None:
+            return (self.text_key,)
+        raise ValueError(f"{self.tfds_name}: no text feature for task={self.task!r}")
 
 
 _SAME_SPLITS = {s: s for s in SPLITS}
@@ -87,6 +102,10 @@ DATASETS: dict[str, DatasetSpec] = {
         for src, tgt in (("de", "en"), ("en", "de"))
     },
 }
+"""The attnzoo dataset names (the ``dataset`` argument everywhere) and their tfds datasets.
+
+Add a ``DatasetSpec`` here to use another tfds text dataset.
+"""
 
 
 def default_data_dir() -> str:
@@ -126,10 +145,13 @@ def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Seq
             if not builder.is_prepared():
                 _prepare(builder, s, data_dir)
     try:
-        source = builder.as_data_source(split=s.splits[split])
+        # tfds wraps as_data_source in a wrapt decorator that hides its signature from type
+        # checkers; with one split name it returns one random-access Sequence.
+        as_data_source = cast(Callable[..., Sequence[Any]], builder.as_data_source)
+        source = as_data_source(split=s.splits[split])
         # Cheap probe: a truncated ArrayRecord file fails here rather than mid-epoch.
         if len(source):
-            source[0], source[len(source) - 1]
+            _ = source[0], source[len(source) - 1]
     except Exception as err:
         raise _corrupt_error(s, data_dir, err) from err
     if len(source) == 0:
@@ -185,13 +207,13 @@ def as_text(value: Any) -> str:
 
 def texts(dataset: str, split: str, data_dir: str | None = None) -> list[str]:
     """Every document of an LM dataset split, in stored order (for evaluation)."""
-    key = spec(dataset, task="lm").text_key
+    (key,) = spec(dataset, task="lm").text_features
     return [as_text(ex[key]) for ex in data_source(dataset, split, data_dir=data_dir)]
 
 
 def text_pairs(dataset: str, split: str, data_dir: str | None = None) -> list[tuple[str, str]]:
     """Every (source, reference) pair of a translation dataset split, in stored order."""
-    src_key, tgt_key = spec(dataset, task="mt").language_pair
+    src_key, tgt_key = spec(dataset, task="mt").text_features
     return [
         (as_text(ex[src_key]), as_text(ex[tgt_key]))
         for ex in data_source(dataset, split, data_dir=data_dir)

@@ -29,14 +29,30 @@ MAX_TRAIN_SENTENCES = 200_000
 
 
 class Tokenizer(Protocol):
+    """What the pipelines, training and decoding need of a tokenizer.
+
+    ``ByteTokenizer`` and ``SentencePieceTokenizer`` implement it; any object with these
+    attributes and methods works (``encode`` adds no bos/eos: the pipelines add them).
+
+    Attributes:
+      vocab_size: number of ids, special ids included.
+      pad_id: padding id (0).
+      bos_id: beginning-of-sequence id (1).
+      eos_id: end-of-sequence id (2).
+    """
+
     vocab_size: int
     pad_id: int
     bos_id: int
     eos_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without bos/eos."""
+        ...
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``; special ids are dropped."""
+        ...
 
 
 class ByteTokenizer:
@@ -47,10 +63,16 @@ class ByteTokenizer:
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
     def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of ``text``, each offset past the special ids."""
         data = np.frombuffer(text.encode("utf-8"), np.uint8)
         return (data.astype(np.int32) + self.offset).tolist()
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``: special ids dropped, invalid UTF-8 shown as U+FFFD.
+
+        Raises:
+          ValueError: an id outside ``[0, vocab_size)``.
+        """
         ids = np.asarray(ids, np.int64).reshape(-1)
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
@@ -79,6 +101,11 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        """Reads a model written by ``get_tokenizer`` (or any sentencepiece ``.model`` file).
+
+        Raises:
+          ValueError: the file is not a sentencepiece model.
+        """
         proto = pathlib.Path(path).read_bytes()
         try:
             return cls(proto, path=str(path))
@@ -89,9 +116,15 @@ class SentencePieceTokenizer:
             ) from err
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without bos/eos."""
         return self._sp.encode(text)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``; pad, bos and eos are dropped.
+
+        Raises:
+          ValueError: an id outside ``[0, vocab_size)``.
+        """
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -152,7 +185,7 @@ def _training_sentences(dataset: str, *, data_dir: str, seed: int) -> Iterator[s
     """
     s = sources.spec(dataset)
     source = sources.data_source(dataset, "train", data_dir=data_dir)
-    keys = s.language_pair if s.task == "mt" else (s.text_key,)
+    keys = s.text_features
     n = min(len(source), MAX_TRAIN_SENTENCES // len(keys))
     # Sorted for read locality; `choice` without replacement samples n of N without an N-array.
     indices = np.sort(np.random.default_rng(seed).choice(len(source), size=n, replace=False))

@@ -190,9 +190,11 @@ def beam_search(
 
     Args:
       src_tokens: [B, S] source ids, padded with ``pad_id`` (or give ``src_segment_ids``).
-      beam_size, alpha: K and the length-penalty exponent (the paper: 4 and 0.6).
+      beam_size: K, beams per sentence (the paper: 4).
+      alpha: the length-penalty exponent (the paper: 0.6).
       max_len: target tokens to generate at most (EOS included).
-      eos_id, bos_id: end token and the decoder's start token (fed first, not returned).
+      eos_id: the end token.
+      bos_id: the decoder's start token (fed first, not returned).
       length_penalty: ``"gnmt"`` ``((5 + len) / 6) ** alpha`` or ``"power"`` ``len ** alpha``
         (Hugging Face's).
       early_stopping: stop a row once it has ``beam_size`` finished hypotheses.

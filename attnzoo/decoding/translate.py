@@ -1,4 +1,4 @@
-"""Text in, text out: batched beam-search translation and corpus BLEU.
+"""Text in, text out: batched beam-search translation (BLEU of it: ``attnzoo.evaluation``).
 
 Sentences are encoded as in training (``tokens + [eos]`` on the source side, ``bos`` starts the
 target), grouped into fixed-size batches padded to a few bucket lengths so that a whole file
@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import sacrebleu
 from flax import nnx
 
 from attnzoo.decoding.beam_search import beam_search
@@ -80,10 +79,3 @@ def strip(tokens: np.ndarray | Sequence[int], *, eos_id: int) -> list[int]:
     """Tokens up to (not including) the first ``eos_id``."""
     tokens = list(np.asarray(tokens).tolist())
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-
-
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> sacrebleu.metrics.BLEU:
-    """sacreBLEU (13a tokenisation, as WMT reports) of detokenised strings."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)])

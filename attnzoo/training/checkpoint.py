@@ -23,9 +23,11 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
-from attnzoo.training import input_pipeline, tasks
+from attnzoo.data import Tokenizer
+from attnzoo.training import input_pipeline, schema, tasks
 from attnzoo.training.steps import TrainState
 
 BEST_METRIC = "eval_loss"
@@ -45,7 +47,7 @@ class _IteratorState(grain.DatasetIterator):
     def __next__(self):
         raise TypeError("a state snapshot is not iterable")
 
-    def get_state(self) -> dict:
+    def get_state(self) -> dict | None:
         return self.state
 
     def set_state(self, state: dict) -> None:
@@ -94,7 +96,8 @@ class Checkpoints:
             self.manager = ocp.CheckpointManager(
                 self.directory,
                 options=options,
-                item_handlers={
+                # grain's handler implements orbax's protocol without subclassing it
+                item_handlers={  # pyright: ignore[reportArgumentType]
                     "params": ocp.StandardCheckpointHandler(),
                     "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.StandardCheckpointHandler(),
@@ -106,6 +109,7 @@ class Checkpoints:
             absl_logger.removeFilter(_drop_read_only_notice)
 
     def steps(self) -> list[int]:
+        """The steps that have a checkpoint, oldest first."""
         return sorted(self.manager.all_steps())
 
     def save(
@@ -113,7 +117,7 @@ class Checkpoints:
         state: TrainState,
         *,
         data_state: dict,
-        config: ml_collections.ConfigDict,
+        config: schema.Config,
         metrics: dict[str, float] | None = None,
         force: bool = False,
     ) -> bool:
@@ -171,7 +175,7 @@ class Checkpoints:
         """
 
         def restore_one(s):
-            r = self.manager.restore(
+            r: Any = self.manager.restore(
                 s,
                 args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_state.params),
@@ -190,11 +194,17 @@ class Checkpoints:
         _, out = self._restore_first_good(step, restore_one)
         return out
 
-    def restore_params(self, abstract_params, step: int | None = None):
-        """(step, params, config dict) without touching the optimizer state."""
+    def restore_params(
+        self, abstract_params: Any, step: int | None = None
+    ) -> tuple[int, Any, dict]:
+        """(step, params, config dict) without touching the optimizer state.
+
+        ``abstract_params`` is the params pytree as ``jax.ShapeDtypeStruct`` leaves (shapes,
+        dtypes, target shardings), e.g. from ``abstract_params``.
+        """
 
         def restore_one(s):
-            r = self.manager.restore(
+            r: Any = self.manager.restore(
                 s,
                 args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_params),
@@ -207,19 +217,20 @@ class Checkpoints:
         return s, params, config
 
     def restore_config(self, step: int | None = None) -> tuple[int, dict]:
+        """(step, experiment config as a dict) of ``step`` (default: the latest readable)."""
         return self._restore_first_good(
             step,
-            lambda s: (
-                self.manager.restore(
-                    s, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-                ).config
-            ),
+            lambda s: self.manager.restore(
+                s, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )["config"],
         )
 
     def wait(self) -> None:
+        """Blocks until every pending (async) save is on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finishes pending saves and releases the checkpoint manager."""
         self.manager.close()
 
 
@@ -227,17 +238,20 @@ class Checkpoints:
 class Restored:
     """A trained model ready for inference (see ``load_for_inference``)."""
 
-    config: ml_collections.ConfigDict
-    task: str
-    model_cfg: Any
-    graphdef: Any
-    params: Any
-    tokenizer: Any
+    config: schema.Config  # the experiment config it was trained with (a ConfigDict)
+    task: str  # "lm" or "mt"
+    model_cfg: Any  # decoder_lm.Config or encoder_decoder.Config
+    graphdef: nnx.GraphDef
+    params: nnx.State  # on the default device
+    tokenizer: Tokenizer
     step: int
 
 
-def abstract_params(task: str, model_cfg: Any, sharding=None):
-    """(graphdef, params as ShapeDtypeStructs): shapes only, nothing is allocated."""
+def abstract_params(task: str, model_cfg: Any, sharding: Any = None) -> tuple[Any, Any]:
+    """(graphdef, params as ShapeDtypeStructs): shapes only, nothing is allocated.
+
+    ``sharding``, a pytree of ``Sharding`` matching the params, is attached to the leaves.
+    """
     graphdef = None
 
     def init():
@@ -261,7 +275,7 @@ def load_for_inference(workdir: str, step: int | None = None) -> Restored:
     ckpt = Checkpoints(workdir, read_only=True)
     try:
         step, config_dict = ckpt.restore_config(step)
-        config = ml_collections.ConfigDict(config_dict)
+        config: schema.Config = ml_collections.ConfigDict(config_dict)
         tokenizer = input_pipeline.get_tokenizer(config)
         model_cfg = tasks.model_config(config, tokenizer.vocab_size)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

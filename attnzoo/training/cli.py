@@ -1,6 +1,10 @@
 """``attnzoo-train``: train an experiment config.
 
-    attnzoo-train --config configs/lm_tiny.py --workdir runs/lm --config.steps=2000
+    attnzoo-train --config attnzoo:lm_tiny --workdir runs/lm --config.steps=2000
+    attnzoo-train --config configs/lm_tiny.py --workdir runs/lm     # the same, from a checkout
+
+``--config attnzoo:NAME`` is an experiment attnzoo ships (``attnzoo.training.schema``); any
+other value is the path of a ``get_config()`` file.
 
 Several hosts: start the same command on each with ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` (on TPU pods and SLURM, ``--distributed`` alone lets
@@ -13,12 +17,16 @@ import json
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from attnzoo import runtime
+from attnzoo import backends
+from attnzoo.training import loop, schema
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (get_config)")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment: attnzoo:NAME (a shipped one) or a get_config() file path"
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "multi-process: HOST:PORT of process 0's coordinator"
@@ -28,11 +36,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this proc
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() with auto-detection"
 )
-_TUNE_MALLOC = flags.DEFINE_bool(
-    "tune_host_allocator",
+_CPU_TUNING = flags.DEFINE_bool(
+    "cpu_tuning",
     True,
-    "on CPU, keep freed memory in-process so XLA's per-step buffers are not re-faulted "
-    "(attnzoo.runtime.tune_host_allocator)",
+    "on CPU, use attnzoo.backends.cpu: matmul layouts and host allocator; no effect on "
+    "accelerators",
 )
 
 
@@ -45,9 +53,8 @@ def _init_distributed() -> None:
             "multi-process runs need all of --coordinator_address, "
             "--num_processes and --process_id (or --distributed)"
         )
-    import jax  # noqa: PLC0415  (configure before the backend starts)
-
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    platforms = getattr(jax.config, "jax_platforms", None)
+    if platforms in (None, "", "cpu") or "cpu" in str(platforms):
         # CPU processes talk over gloo; without it cross-process collectives are unavailable.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -62,24 +69,36 @@ def _main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    if _TUNE_MALLOC.value:
-        runtime.tune_host_allocator()  # before the backend starts its threads
+    if _CPU_TUNING.value:
+        backends.tune_for_platform()  # before the backend starts its threads
     _init_distributed()
-    from attnzoo.training import loop  # noqa: PLC0415  (after distributed init)
-
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         summary = loop.train(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, loop.TrainingError) as e:
         print(f"attnzoo-train: error: {e}", file=sys.stderr)
         sys.exit(1)
-    import jax  # noqa: PLC0415
-
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
 
 
+def _resolve_config(argv: list[str]) -> list[str]:
+    """``argv`` with an ``attnzoo:NAME`` value of ``--config`` replaced by that file's path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for flag in ("--config=", "-config="):
+            if arg.startswith(flag + schema.PREFIX):
+                out[i] = flag + schema.resolve(arg.removeprefix(flag))
+        if arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = schema.resolve(out[i + 1])
+    return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        argv = _resolve_config(argv)
+    except ValueError as e:
+        sys.exit(f"attnzoo-train: error: {e}")
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -12,17 +12,22 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from attnzoo.configs import sharding as sharding_rules
-from attnzoo.training import checkpoint, optim, sharding, steps, tasks
+from attnzoo.training import checkpoint, optim, schema, sharding, steps, tasks
+from attnzoo.training import rules as sharding_rules
 from attnzoo.training.mesh import make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+    """What ``build`` makes of a config: the mesh, the model, the optimizer and jitted steps.
+
+    ``train_step`` and ``eval_step`` take batches as dicts of ``[batch_size, seq_len]`` arrays
+    placed with ``batch_sharding`` (``sharding.put_batch``).
+    """
+
     mesh: Mesh
     rules: sharding_rules.Rules
     model_cfg: Any
@@ -37,7 +42,7 @@ class Experiment:
     eval_step: Callable  # jitted (params, batch) -> summed metrics
 
 
-def check_batch(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> None:
+def check_batch(config: schema.Config, mesh: Mesh, rules: sharding_rules.Rules) -> None:
     """Fails fast when the global batch cannot be split over processes, micro-batches, mesh."""
     split = sharding.batch_split(mesh, rules)
     n_proc = jax.process_count()
@@ -56,9 +61,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> None:
         )
 
 
-def build(
-    config: ml_collections.ConfigDict, *, vocab_size: int, mesh: Mesh | None = None
-) -> Experiment:
+def build(config: schema.Config, *, vocab_size: int, mesh: Mesh | None = None) -> Experiment:
     """The experiment of ``config`` on ``mesh`` (default: ``config.mesh`` over all devices)."""
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     rules = sharding_rules.get(config.sharding)

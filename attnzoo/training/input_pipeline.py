@@ -6,15 +6,15 @@ this module only translates experiment-config keys into their arguments.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
+import grain
 
 import attnzoo.data
+from attnzoo.training import schema
 
 
-def get_tokenizer(config: Any):
+def get_tokenizer(config: schema.Config) -> attnzoo.data.Tokenizer:
     """The tokenizer named by ``config.tokenizer`` (trained and cached on first use)."""
     return attnzoo.data.get_tokenizer(
         config.tokenizer,
@@ -26,18 +26,18 @@ def get_tokenizer(config: Any):
 
 
 def batches(
-    config: Any,
+    config: schema.Config,
     split: str,
     *,
-    tokenizer,
+    tokenizer: attnzoo.data.Tokenizer,
     batch_size: int,
     shard_index: int = 0,
     shard_count: int = 1,
     num_epochs: int | None = None,
     seed: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> grain.DatasetIterator:
     """Per-process batches (dicts of ``[batch_size, seq_len]`` numpy arrays) for ``split``."""
-    kw = dict(
+    kw: dict[str, Any] = dict(
         tokenizer=tokenizer,
         seq_len=config.seq_len,
         batch_size=batch_size,

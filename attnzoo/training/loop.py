@@ -13,6 +13,7 @@ import math
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,18 +21,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 import attnzoo.data
-from attnzoo.configs import defaults
-from attnzoo.training import checkpoint, experiment, input_pipeline, sharding, steps
+from attnzoo import evaluation
+from attnzoo.training import checkpoint, experiment, input_pipeline, schema, sharding, steps
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says what to do."""
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: schema.Config) -> None:
     """Rejects keys the defaults do not have (typos) before anything expensive happens."""
 
     def walk(c, ref, prefix):
@@ -45,7 +48,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             if isinstance(c[key], ml_collections.ConfigDict):
                 walk(c[key], ref[key], f"{prefix}{key}.")
 
-    walk(config, defaults.get_config(), "")
+    walk(config, schema.get_config(), "")
     if config.steps < 1 or config.batch_size < 1 or config.seq_len < 1:
         raise ValueError("config.steps, config.batch_size and config.seq_len must be >= 1")
 
@@ -108,9 +111,20 @@ def _to_host(x: dict[str, jax.Array]) -> dict[str, float]:
 
 
 def evaluate(
-    config, params, *, eval_fn, tokenizer, batch_sharding, split="validation"
+    config: schema.Config,
+    params: nnx.State,
+    *,
+    eval_fn: Callable[[nnx.State, dict[str, jax.Array]], dict[str, jax.Array]],
+    tokenizer: attnzoo.data.Tokenizer,
+    batch_sharding: NamedSharding,
+    split: str = "validation",
 ) -> dict[str, float]:
-    """Token-weighted eval loss, perplexity and accuracy over ``config.eval_batches`` batches."""
+    """Token-weighted eval loss, perplexity and accuracy over ``config.eval_batches`` batches.
+
+    ``eval_fn(params, batch)`` sums ``nll``, ``correct`` and ``weight`` over a global batch
+    (dict of ``[batch_size, seq_len]`` arrays placed with ``batch_sharding``), e.g. an
+    ``Experiment.eval_step``. Every process must call this (the eval steps are collective).
+    """
     it = input_pipeline.batches(
         config,
         split,
@@ -135,6 +149,8 @@ def evaluate(
         empty = jax.tree.map(np.zeros_like, batch)
         sums = eval_fn(params, sharding.put_batch(batch, batch_sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError(f"config.eval_batches must be >= 1, got {config.eval_batches}")
     t = _to_host(totals)
     loss = t["nll"] / max(t["weight"], 1.0)
     return {
@@ -144,25 +160,30 @@ def evaluate(
     }
 
 
-def evaluate_bleu(config, params, *, graphdef, model_cfg, tokenizer, split="validation") -> float:
+def evaluate_bleu(
+    config: schema.Config,
+    params: nnx.State,
+    *,
+    graphdef: nnx.GraphDef,
+    model_cfg: Any,
+    tokenizer: attnzoo.data.Tokenizer,
+    split: str = "validation",
+) -> float:
     """Corpus sacreBLEU of beam-search translations of ``config.bleu_sentences`` eval pairs."""
-    from attnzoo import decoding  # noqa: PLC0415  (MT only)
-
     pairs = attnzoo.data.text_pairs(config.dataset, split, data_dir=config.data_dir)
-    pairs = pairs[: config.bleu_sentences]
-    hypotheses = decoding.translate(
+    _, bleu = evaluation.translation_bleu(
         graphdef,
         params,
         model_cfg,
         tokenizer,
-        [src for src, _ in pairs],
+        pairs[: config.bleu_sentences],
         max_len=config.seq_len,
         max_src_len=config.seq_len,
     )
-    return decoding.corpus_bleu(hypotheses, [ref for _, ref in pairs]).score
+    return bleu.score
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: schema.Config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the experiment ``config`` in ``workdir``; returns a summary."""
     validate_config(config)
     workdir_path = pathlib.Path(workdir).absolute()
@@ -220,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         bar.update(1)
         if step % config.log_every == 0 or step == config.steps:
             now = time.perf_counter()
-            m["learning_rate"] = float(exp.schedule(step - 1))
+            m["learning_rate"] = float(np.asarray(exp.schedule(step - 1)))
             m["tokens_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0.0
             bar.set_postfix(

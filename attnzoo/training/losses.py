@@ -99,7 +99,10 @@ def fused_cross_entropy(
       head: the model's output projection (``decoder_lm.output_head`` /
         ``encoder_decoder.output_head``).
       x: [B, T, D] final hidden states (``apply(..., return_hidden=True)``).
-      targets, weights, label_smoothing, z_loss: as ``cross_entropy``.
+      targets: [B, T] int, as ``cross_entropy``.
+      weights: [B, T] float, as ``cross_entropy``.
+      label_smoothing: as ``cross_entropy``.
+      z_loss: as ``cross_entropy``.
       chunk_rows: tokens per chunk (rounded to whole rows of the batch; T is padded with
         zero-weight tokens to a whole number of chunks).
 
@@ -184,6 +187,7 @@ def fused_cross_entropy(
                 rows = rows * jnp.asarray(h.scale, dtype)
             logits = h.replace(scale=1.0)(rows, preferred_element_type=jnp.float32)  # (R, V)
             sums, g = chunk_sums(logits.reshape(*tgt.shape, -1), tgt, w, with_grad=True)
+            assert g is not None  # with_grad=True
             g = g.reshape(-1, g.shape[-1]).astype(dtype)  # (R, V)
             if h.tied:  # kernel (V, D)
                 dx = jnp.dot(g, kernel, preferred_element_type=jnp.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -45,7 +46,7 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all, across processes) with Auto axis types.
 
     Auto (not Explicit) axes let XLA propagate shardings from params and batches, which is what

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from attnzoo.training import schema
+
 
 def rsqrt_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> optax.Schedule:
     """The paper's schedule (section 5.3), with optimizer steps counted from 1:
@@ -25,7 +27,9 @@ def rsqrt_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> optax
     return schedule
 
 
-def make_schedule(config: Any, *, d_model: int) -> optax.Schedule:
+def make_schedule(config: schema.Config, *, d_model: int) -> optax.Schedule:
+    """The learning rate per optimizer step from ``config.schedule``, ``learning_rate``,
+    ``warmup_steps`` (and ``steps``, ``final_lr_fraction`` for the cosine decay)."""
     lr, warmup = config.learning_rate, config.warmup_steps
     if config.schedule == "rsqrt":
         return rsqrt_schedule(d_model, warmup, lr)
@@ -58,9 +62,15 @@ def decay_mask(params: nnx.State) -> Any:
 
 
 def make_optimizer(
-    config: Any, *, d_model: int
+    config: schema.Config, *, d_model: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, schedule) from ``config.optimizer`` and friends; clipping comes first."""
+    """(optimizer, schedule) from ``config.optimizer`` and friends; clipping comes first.
+
+    The config keys read are those of ``attnzoo.training.schema.get_config()``: ``optimizer``
+    (``"adamw"`` or ``"adafactor"``), ``b1``, ``b2``, ``eps``, ``weight_decay`` (never applied
+    to biases and norms: ``decay_mask``), ``clip_norm`` (global norm; 0 disables) and the
+    schedule's keys (``make_schedule``). ``d_model`` scales the ``"rsqrt"`` schedule.
+    """
     schedule = make_schedule(config, d_model=d_model)
     if config.optimizer == "adamw":
         opt = optax.adamw(

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-Rules = Mapping[str, str | tuple[str, ...] | None]
+from attnzoo.training.rules import Rules
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
@@ -42,7 +42,7 @@ def logical_to_mesh(
         if name is not None and name not in rules:
             raise ValueError(
                 f"logical axis {name!r} has no entry in the sharding rules; "
-                f"add it to the tables in attnzoo.configs.sharding"
+                f"add it to the tables in attnzoo.training.rules"
             )
         axes = (
             tuple(a for a in _mesh_axes(rules.get(name)) if a not in used and mesh.shape[a] > 1)

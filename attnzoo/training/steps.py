@@ -6,7 +6,9 @@ shardings of its mesh (``attnzoo.training.loop``), or calls them eagerly in a te
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,20 @@ Batch = Mapping[str, jax.Array]
 
 @struct.dataclass
 class TrainState:
+    """Everything a training step reads and writes: a pytree, so it jits, shards, checkpoints."""
+
     step: jax.Array  # [] int32, optimizer updates applied so far
     params: nnx.State
     opt_state: optax.OptState
     rng: jax.Array  # [2] uint32 raw key data; step s uses fold_in(rng, s)
 
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with the given fields changed."""
+        return dataclasses.replace(self, **changes)
+
 
 def create_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: ``params``, a fresh ``tx`` state for them and the dropout key of ``seed``."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -13,13 +13,17 @@ from types import ModuleType
 from typing import Any
 
 import jax
+from flax import nnx
 
+from attnzoo.models.layers import LinearHead
 from attnzoo.models.positional import PositionConfig
+from attnzoo.training import schema
 
 TASKS = {"lm": "attnzoo.models.decoder_lm", "mt": "attnzoo.models.encoder_decoder"}
 
 
 def model_module(task: str) -> ModuleType:
+    """The model module ``task`` trains (``TASKS``): ``init``, ``apply``, ``Config``."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; set config.task to one of {sorted(TASKS)}")
     try:
@@ -28,7 +32,7 @@ def model_module(task: str) -> ModuleType:
         raise ValueError(f"task {task!r} needs {TASKS[task]}, which is not installed") from e
 
 
-def model_config(config: Any, vocab_size: int):
+def model_config(config: schema.Config, vocab_size: int) -> Any:
     """The model ``Config`` of ``config.model`` (a preset) with ``config.model_overrides``.
 
     ``vocab_size`` comes from the tokenizer; ``position`` may be given as a dict of
@@ -52,8 +56,8 @@ def model_config(config: Any, vocab_size: int):
 
 def forward(
     task: str,
-    graphdef,
-    params,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
     batch: Mapping[str, jax.Array],
     *,
     deterministic: bool = True,
@@ -80,7 +84,7 @@ def forward(
     )
 
 
-def output_head(task: str, graphdef, params):
+def output_head(task: str, graphdef: nnx.GraphDef, params: nnx.State) -> LinearHead:
     """The model's output projection (``LinearHead``), for losses that apply it themselves."""
     return model_module(task).output_head(graphdef, params)
 

@@ -12,7 +12,7 @@
 # The command-line equivalent is
 #
 # ```
-# attnzoo-train --config configs/lm_tiny.py --workdir runs/lm
+# attnzoo-train --config attnzoo:lm_tiny --workdir runs/lm
 # attnzoo-generate --workdir runs/lm --prompt "ROMEO:" --max_new_tokens 200
 # ```
 
@@ -39,8 +39,7 @@ import numpy as np
 from IPython import display
 
 from attnzoo import decoding
-from attnzoo.configs import lm_tiny
-from attnzoo.training import checkpoint, experiment, input_pipeline, loop, sharding, steps
+from attnzoo.training import checkpoint, experiment, input_pipeline, loop, schema, sharding, steps
 from attnzoo.training.mesh import make_mesh
 
 # CI sets this to run every cell quickly on CPU; the code path is the same either way.
@@ -86,7 +85,7 @@ print(dict(mesh.shape))
 # optimizer, the shardings of every parameter and the jitted train and eval steps.
 
 # %%
-config = lm_tiny.get_config()
+config = schema.load_experiment("lm_tiny")  # configs/lm_tiny.py, shipped with attnzoo
 config.steps = 30 if QUICK else 300
 config.warmup_steps = min(config.warmup_steps, config.steps // 5)
 config.eval_batches = 2 if QUICK else 8

@@ -11,7 +11,7 @@
 # the source. The command-line equivalent is
 #
 # ```
-# attnzoo-train --config configs/mt_tiny.py --workdir runs/mt
+# attnzoo-train --config attnzoo:mt_tiny --workdir runs/mt
 # attnzoo-translate --workdir runs/mt < english.txt
 # attnzoo-eval --workdir runs/mt --split validation
 # ```
@@ -45,9 +45,8 @@ import sacrebleu
 
 import attnzoo.data
 from attnzoo import decoding
-from attnzoo.configs import mt_tiny
 from attnzoo.models import attention, encoder_decoder, mha
-from attnzoo.training import experiment, input_pipeline, loop, sharding, steps
+from attnzoo.training import experiment, input_pipeline, loop, schema, sharding, steps
 from attnzoo.training.mesh import make_mesh
 
 # CI sets this to run every cell quickly on CPU; the code path is the same either way.
@@ -71,7 +70,7 @@ print(jax.default_backend(), jax.device_count(), "devices")
 # both sides mark one pair, so target segment *k* attends only to source segment *k*.
 
 # %%
-config = mt_tiny.get_config()
+config = schema.load_experiment("mt_tiny")  # configs/mt_tiny.py, shipped with attnzoo
 config.steps = 20 if QUICK else 600
 config.warmup_steps = min(config.warmup_steps, config.steps // 5)
 config.eval_batches = 2 if QUICK else 8

@@ -233,7 +233,7 @@ np.testing.assert_allclose(sharded_logits, single_logits, atol=1e-4, rtol=1e-4)
 print("sharded == single-device logits")
 
 # %% [markdown]
-# `attnzoo.training` does the same with its own tables (`attnzoo.configs.sharding.RULES`:
+# `attnzoo.training` does the same with its own tables (`attnzoo.training.rules.RULES`:
 # `dp`, `fsdp`, `fsdp_tp`) over a `("data", "fsdp", "tensor")` mesh:
 # `attnzoo.training.sharding.tree_shardings(params, mesh, rules)`.
 #

@@ -168,6 +168,10 @@ def apply_rope(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown rope_layout {layout!r}; valid: {LAYOUTS}")
     if inv_freq is None:
+        explicit = ("kind", "rope_base", "rope_fraction", "rope_layout", "rope_scaling")
+        clash = sorted(set(scaling_options) & {*explicit, "rope_factor", "rope_original_max_len"})
+        if clash:
+            raise ValueError(f"pass {clash} as apply_rope's own arguments, not scaling options")
         config = PositionConfig(
             kind="rope",
             rope_base=base,

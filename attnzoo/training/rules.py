@@ -4,7 +4,7 @@ Parameters carry logical names (``attnzoo.models.layers.param``); the mesh has t
 ``("data", "fsdp", "tensor")``. A table says, for each logical name, which mesh axis (or tuple
 of axes) shards that dimension; ``None`` replicates it. ``"batch"`` is the batch dimension of
 inputs and activations. Changing strategy is choosing another table (``config.sharding``) and a
-mesh shape (``config.mesh``), nothing else.
+mesh shape (``config.mesh``), nothing else: ``get(config.sharding)`` is the table training uses.
 
 A dimension whose size a mesh axis does not divide (e.g. a 259-entry byte vocabulary on 8
 devices) is replicated instead; ``attnzoo.training.sharding`` reports it.

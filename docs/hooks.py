@@ -1,0 +1,26 @@
+"""mkdocs hook: serves repository files that live outside ``docs/`` at their repository paths.
+
+``notebooks/figures/*.png`` (written by ``make figures``) and the notebooks themselves are added to
+the site as ``notebooks/...``, so ``docs/notebooks.md`` embeds the figures and the README's
+notebook links (included in ``docs/guide.md``) resolve, without copies of the files under
+``docs/``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.structure.files import File, Files
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SERVED = ("notebooks/figures/*.png", "notebooks/*.ipynb")
+
+
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+    for pattern in SERVED:
+        for path in sorted(ROOT.glob(pattern)):
+            uri = path.relative_to(ROOT).as_posix()
+            if files.get_file_from_path(uri) is None:
+                files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
