@@ -113,3 +113,19 @@ def test_training_api():
     ]
     for name in training.__all__:
         assert getattr(training, name).__doc__, name
+
+
+def test_model_code_branches_on_the_backend_in_one_place():
+    """Only the attention dispatch may ask which backend runs; every other model module is
+    plain JAX, and backend tuning reaches it only through ``attnzoo.ops``."""
+    asks = re.compile(r"default_backend|jax\.devices\(|attnzoo\.backends|\bplatform\b")
+    for path in sorted((ROOT / "attnzoo" / "models").rglob("*.py")):
+        found = [
+            f"{path.name}:{i}: {line.strip()}"
+            for i, line in enumerate(path.read_text().splitlines(), 1)
+            if asks.search(line)
+        ]
+        if path.name == "attention.py":
+            assert found, "the attention dispatch should choose by backend"
+        else:
+            assert not found, found

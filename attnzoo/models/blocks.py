@@ -32,6 +32,7 @@ REMAT_POLICIES = (
 
 
 def check_remat_policy(name: str) -> None:
+    """Raises a clear error unless ``name`` is one of ``REMAT_POLICIES``."""
     if name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {name!r}; valid: {', '.join(REMAT_POLICIES)}")
 

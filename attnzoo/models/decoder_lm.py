@@ -117,16 +117,19 @@ class Config(core.ModelConfig):
     @core.register_preset
     @classmethod
     def gpt2_medium(cls) -> Config:
+        """GPT-2 medium: d_model 1024, 24 layers, 16 heads."""
         return cls._gpt2(1024, 24, 16)
 
     @core.register_preset
     @classmethod
     def gpt2_large(cls) -> Config:
+        """GPT-2 large: d_model 1280, 36 layers, 20 heads."""
         return cls._gpt2(1280, 36, 20)
 
     @core.register_preset
     @classmethod
     def gpt2_xl(cls) -> Config:
+        """GPT-2 xl: d_model 1600, 48 layers, 25 heads."""
         return cls._gpt2(1600, 48, 25)
 
     @core.register_preset

@@ -41,6 +41,7 @@ def param(
 
 
 def normal(stddev: float) -> Initializer:
+    """Normal(0, ``stddev``) initializer."""
     return jax.nn.initializers.normal(stddev)
 
 

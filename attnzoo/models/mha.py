@@ -36,6 +36,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32):
+        """An empty cache: k and v zeros of [batch, n_kv_heads, max_len, head_dim]."""
         z = jnp.zeros((batch, n_kv_heads, max_len, head_dim), dtype)
         return cls(k=z, v=z)
 

@@ -66,6 +66,7 @@ class PositionConfig:
     shaw_max_distance: int = 16
 
     def replace(self, **kw: Any) -> PositionConfig:
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)
 
 
@@ -127,6 +128,7 @@ def register(
 
 
 def kinds() -> tuple[str, ...]:
+    """Registered positional kinds, sorted."""
     return tuple(sorted(_REGISTRY))
 
 
@@ -158,6 +160,7 @@ def make_encoding(
     causal: bool,
     rngs: nnx.Rngs,
 ) -> Encoding:
+    """The stack-level hooks of ``config.kind`` (validated first)."""
     validate(config, head_dim=head_dim)
     cls, _ = _lookup(config.kind)
     return cls(
@@ -168,5 +171,6 @@ def make_encoding(
 def make_layer_encoding(
     config: PositionConfig, *, n_heads: int, head_dim: int, causal: bool, rngs: nnx.Rngs
 ) -> LayerEncoding:
+    """The per-attention-layer hooks of ``config.kind``."""
     _, cls = _lookup(config.kind)
     return cls(config, n_heads=n_heads, head_dim=head_dim, causal=causal, rngs=rngs)

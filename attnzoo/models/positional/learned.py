@@ -12,6 +12,8 @@ from attnzoo.models.positional.base import Encoding, PositionConfig, register
 
 
 class Learned(Encoding):
+    """A learned [max_len, D] table added to the token embeddings (GPT-2)."""
+
     def __init__(
         self,
         config: PositionConfig,

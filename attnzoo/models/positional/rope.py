@@ -216,6 +216,8 @@ def rope_frequencies(
 
 
 class Rope(LayerEncoding):
+    """Rotary embedding of queries and keys (Su et al. 2021) with the config's scaling."""
+
     def rotate(self, x: jax.Array, positions: jax.Array, *, is_key: bool) -> jax.Array:
         """x: [B, T, N, H] queries or keys, positions [B, T] -> rotated [B, T, N, H]."""
         c = self.config

@@ -25,6 +25,8 @@ def sinusoidal_table(positions: jax.Array, d_model: int, *, base: float = 10000.
 
 
 class Sinusoidal(Encoding):
+    """The paper's fixed sinusoids (section 3.5) added to the token embeddings."""
+
     def embed(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         return x + sinusoidal_table(positions, x.shape[-1]).astype(x.dtype)
 

@@ -63,6 +63,8 @@ def _xpos(config: PositionConfig, x: jax.Array, positions: jax.Array, *, is_key:
 
 
 class XPos(LayerEncoding):
+    """RoPE with an exponential decay of query/key scale (Sun et al. 2022)."""
+
     def rotate(self, x: jax.Array, positions: jax.Array, *, is_key: bool) -> jax.Array:
         return _xpos(self.config, x, positions, is_key=is_key)
 
