@@ -1,9 +1,10 @@
 """mkdocs hook: serves repository files that live outside ``docs/`` at their repository paths.
 
 ``notebooks/figures/*.png`` (written by ``make figures``) and the notebooks themselves are added to
-the site as ``notebooks/...``, so ``docs/notebooks.md`` embeds the figures and the README's
-notebook links (included in ``docs/guide.md``) resolve, without copies of the files under
-``docs/``.
+the site as ``notebooks/...``, so ``docs/notebooks.md`` embeds the figures and links the
+notebooks, without copies of the files under ``docs/`` (the README, included in
+``docs/guide.md``, links to them on GitHub: its links are absolute, to survive on a package
+index).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import sys
 import tarfile
 
 import pytest
+import tensorflow_datasets as tfds
 
 from attnzoo import data
 from attnzoo.data import corpora, sources
@@ -67,6 +68,30 @@ def test_text_pairs_match_the_raw_tsv(data_dir):
         rows = [line.rstrip("\n").split("\t") for line in f]
     expected = [(en, es) for ref, en, es in rows if ref.startswith("Ruth ")]
     assert data.text_pairs("bible_en_es", "validation", data_dir=data_dir) == expected
+
+
+def test_tfds_data_source_prepares_array_record_without_builder_kwargs(tmp_path, data_dir):
+    """tfds's own API, no ``builder_kwargs={"file_format": ...}``: the bundled builders default
+    to ArrayRecord (TFRecord's writer needs TensorFlow and has no random access)."""
+    import attnzoo.data.bible_en_es  # noqa: F401  (registers the builder with tfds)
+
+    fresh = tfds.data_source("attnzoo_bible_en_es", split="test", data_dir=str(tmp_path))
+    assert len(fresh) == 678
+    assert sources.as_text(fresh[0]["ref"]) == "Mark 1:1"
+    prepared = tmp_path / "attnzoo_bible_en_es" / "1.0.0"
+    assert any(prepared.glob("*-test.array_record*"))
+    assert not any(prepared.glob("*.tfrecord*"))
+    # The library's pipeline reads what tfds prepared, and tfds reads what the library prepared.
+    pairs = data.text_pairs("bible_en_es", "test", data_dir=str(tmp_path))
+    assert pairs[0] == (sources.as_text(fresh[0]["en"]), sources.as_text(fresh[0]["es"]))
+    data.texts("shakespeare", "test", data_dir=data_dir)
+    ours = tfds.data_source("attnzoo_shakespeare", split="test", data_dir=data_dir)
+    assert {sources.as_text(ex["work"]) for ex in ours} == {"tempest"}
+    # An explicit format still wins over the default.
+    builder = tfds.builder(
+        "attnzoo_bible_en_es", data_dir=str(tmp_path / "x"), file_format="tfrecord"
+    )
+    assert builder.info.file_format == tfds.core.FileFormat.TFRECORD
 
 
 def test_unknown_dataset_and_split_and_task(data_dir):

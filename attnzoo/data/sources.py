@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,9 @@ class DatasetSpec:
       text_key: the document feature (``task="lm"``).
       language_pair: (source feature, target feature) (``task="mt"``).
       vocab_size: default sentencepiece vocabulary size for this corpus.
+      prepare_needs_tensorflow: the tfds builder uses TensorFlow file APIs while preparing
+        (LM1B's file globbing, the download extractor for WMT's archives), so preparing checks
+        for TensorFlow before anything is downloaded. Reading prepared files never needs it.
     """
 
     tfds_name: str
@@ -46,6 +50,7 @@ class DatasetSpec:
     text_key: str | None = None
     language_pair: tuple[str, str] | None = None
     vocab_size: int = 32000
+    prepare_needs_tensorflow: bool = False
 
     def __post_init__(self):
         if self.task == "lm" and self.text_key is None:
@@ -88,6 +93,7 @@ DATASETS: dict[str, DatasetSpec] = {
         splits={"train": "train", "validation": "test[:50%]", "test": "test[50%:]"},
         module="tensorflow_datasets.datasets.lm1b.lm1b_dataset_builder",
         text_key="text",
+        prepare_needs_tensorflow=True,
     ),
     # One tfds config per language pair; the name picks the direction (en-de is the paper's).
     **{
@@ -97,6 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
             splits=_SAME_SPLITS,
             module=f"tensorflow_datasets.translate.wmt{year}",
             language_pair=(src, tgt),
+            prepare_needs_tensorflow=True,
         )
         for year in (14, 17)
         for src, tgt in (("de", "en"), ("en", "de"))
@@ -169,7 +176,21 @@ def _builder(s: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
         raise _corrupt_error(s, data_dir, err) from err
 
 
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported (checked without importing it: that takes seconds)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 def _prepare(builder: tfds.core.DatasetBuilder, s: DatasetSpec, data_dir: str) -> None:
+    if s.prepare_needs_tensorflow and not tensorflow_available():
+        # Before download_and_prepare: otherwise the download runs (GBs for WMT and LM1B)
+        # and only then does the builder fail on its first TensorFlow call.
+        raise ValueError(
+            f"preparing {s.tfds_name!r} needs TensorFlow, which is not installed: its tfds "
+            'builder uses TensorFlow file APIs. Run `pip install "attnzoo[tf]"` (or add the `tf` '
+            "extra to the command attnzoo was installed with) once, then run again. Nothing was "
+            "downloaded; reading the prepared ArrayRecord files needs no TensorFlow"
+        )
     try:
         builder.download_and_prepare()
     except ValueError:
@@ -177,7 +198,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, s: DatasetSpec, data_dir: str) -
     except ImportError as err:
         raise ValueError(
             f"preparing {s.tfds_name!r} needs the missing module {err.name!r} ({err}); its tfds "
-            "builder uses TensorFlow file APIs: `pip install 'attnzoo[tf]'` once to prepare it "
+            'builder uses TensorFlow file APIs: `pip install "attnzoo[tf]"` once to prepare it '
             "(reading the prepared ArrayRecord files needs no TensorFlow)"
         ) from err
     except Exception as err:
