@@ -8,14 +8,23 @@
 ``attnzoo-eval`` prints one JSON line of metrics. On CPU each command first switches on
 ``attnzoo.backends.tune_for_platform()`` (``--no-cpu_tuning`` opts out); called from Python
 with an ``argv`` list, it leaves the calling process alone unless ``--cpu_tuning`` is passed.
+
+Errors end a command with one line, ``attnzoo-<command>: error: ...`` (exit status 1), never a
+traceback: bad options, unreadable or unwritable files, input that is not UTF-8 (line and
+file named; ``attnzoo-translate --on_invalid_utf8=replace`` replaces it instead), and a KV
+cache that cannot fit in memory (checked before anything is allocated; see
+``_check_cache_memory``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -28,11 +37,119 @@ from attnzoo import backends, evaluation
 from attnzoo.decoding import sampling
 from attnzoo.decoding.generation import generate
 from attnzoo.decoding.translate import strip, translate
-from attnzoo.training import input_pipeline, tasks
+from attnzoo.training import input_pipeline, schema, tasks
 from attnzoo.training.checkpoint import Restored, load_for_inference
 from attnzoo.training.losses import cross_entropy
 
 __all__ = ["eval_main", "generate_main", "perplexity", "strip", "translate_main"]
+
+INVALID_UTF8 = ("error", "replace")  # --on_invalid_utf8 choices
+# lone surrogates: what the bytes of invalid UTF-8 decode to with errors="surrogateescape"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@contextlib.contextmanager
+def _one_line_errors(prog: str) -> Iterator[None]:
+    """Turns the errors a command can meet into ``PROG: error: ...`` and exit status 1.
+
+    ``SystemExit("error: ...")`` raised inside gets the program name; ValueError (including
+    Unicode errors), OSError, KeyError, ZeroDivisionError and an XLA out-of-memory error
+    become one line (``schema.describe_error``). argparse's own exits pass through unchanged.
+    """
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            raise SystemExit(f"{prog}: {e.code}") from None
+        raise
+    except (ValueError, OSError, KeyError, ZeroDivisionError) as e:
+        raise SystemExit(f"{prog}: error: {schema.describe_error(e)}") from None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise SystemExit(
+            f"{prog}: error: out of memory ({first}); lower the batch or the lengths"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 1, got {value} (leave it out for the default)"
+        )
+    return value
+
+
+def _read_lines(path: str | None, *, on_invalid: str = "error", prog: str = "") -> list[str]:
+    """The lines of ``path`` (``None``: stdin), decoded as UTF-8.
+
+    Invalid UTF-8 is a ValueError naming the file (``<stdin>``), the line and the byte; with
+    ``on_invalid="replace"`` each invalid byte becomes U+FFFD and the lines affected are
+    counted on stderr (``prog: warning: ...``).
+    """
+    name = "<stdin>" if path is None else path
+    if path is not None:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="surrogateescape")
+    elif hasattr(sys.stdin, "buffer"):
+        text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    else:  # a text stream put in place of stdin (tests, notebooks)
+        text = sys.stdin.read()
+    lines = text.splitlines()
+    bad = [i for i, line in enumerate(lines) if _SURROGATE.search(line)]
+    if not bad:
+        return lines
+    if on_invalid == "error":
+        line = lines[bad[0]]
+        match = _SURROGATE.search(line)
+        assert match is not None
+        code = ord(match.group())
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ValueError(
+            f"{name}: line {bad[0] + 1} is not valid UTF-8 ({byte} at character "
+            f"{match.start() + 1}); fix the input or pass --on_invalid_utf8=replace"
+        )
+    for i in bad:
+        lines[i] = _SURROGATE.sub("\ufffd", lines[i])
+    print(
+        f"{prog}: warning: {name}: replaced invalid UTF-8 with U+FFFD in {len(bad)} line(s) "
+        f"(first: line {bad[0] + 1})",
+        file=sys.stderr,
+    )
+    return lines
+
+
+def _check_cache_memory(
+    model_cfg: Any, *, rows: int, slots: int, what: str, fix: str, extra: int = 0
+) -> None:
+    """Fails before decoding when its KV cache alone cannot fit on the default device.
+
+    The estimate, a lower bound: keys and values of every cached layer, ``2 x layers x rows x
+    slots x kv_heads x head_size x itemsize(dtype)``, plus ``extra`` bytes (the output
+    tokens). ``schema.memory_limit`` of ``jax.devices()[0]`` is the limit (host RAM on CPU);
+    ``$ATTNZOO_SKIP_MEMORY_CHECK`` skips the check.
+    """
+    if os.environ.get(schema.SKIP_MEMORY_CHECK_ENV, "") not in ("", "0"):
+        return
+    limit = schema.memory_limit(jax.devices()[:1])
+    if limit is None:
+        return
+    layers = getattr(model_cfg, model_cfg.STACKS[model_cfg.CACHED_STACK])
+    itemsize = jnp.dtype(model_cfg.dtype).itemsize
+    cache = 2 * layers * rows * slots * model_cfg.kv_heads * model_cfg.head_size * itemsize
+    if cache + extra <= limit[0]:
+        return
+    raise ValueError(
+        f"{what} needs a KV cache of {schema.gib(cache)} (2 x {layers} layers x {rows} rows x "
+        f"{slots} slots x {model_cfg.kv_heads} heads x {model_cfg.head_size} dims x {itemsize} "
+        f"bytes), more than the {schema.gib(limit[0])} {limit[1]}: {fix}"
+    )
 
 
 def _restore(workdir: str, step: int | None, task: str | None = None) -> Restored:
@@ -87,11 +204,29 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = _parse(p, argv)
+    with _one_line_errors(p.prog):
+        _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    prompts = args.prompt or [""]
+    for i, text in enumerate(prompts):
+        if _SURROGATE.search(text):  # bytes of the command line that were not UTF-8
+            raise ValueError(f"--prompt number {i + 1} is not valid UTF-8")
     r = _restore(args.workdir, args.step, task="lm")
     tok = r.tokenizer
-    prompts = args.prompt or [""]
     # training documents start with bos, so an empty prompt is still a valid context
     ids = [[tok.bos_id, *tok.encode(text)] for text in prompts]
+    if args.max_new_tokens >= 1:  # generate() itself reports smaller values
+        longest = max(len(row) for row in ids)
+        _check_cache_memory(
+            r.model_cfg,
+            rows=len(ids),
+            slots=longest + args.max_new_tokens,
+            what=f"a prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens}",
+            fix="lower --max_new_tokens",
+            extra=len(ids) * args.max_new_tokens * 4,
+        )
     try:
         new = generate(
             r.graphdef,
@@ -122,39 +257,55 @@ def translate_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input", default=None, help="text file, one sentence a line (default stdin)")
     p.add_argument("--beam_size", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.6, help="GNMT length-penalty exponent")
-    p.add_argument("--max_len", type=int, default=None, help="default: the training seq_len")
+    p.add_argument(
+        "--max_len",
+        type=_positive_int,
+        default=None,
+        help="target tokens at most (default: the training seq_len)",
+    )
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument(
+        "--on_invalid_utf8",
+        default="error",
+        choices=INVALID_UTF8,
+        help="input that is not UTF-8: stop naming the line (error), or replace each bad byte "
+        "with U+FFFD and count the lines on stderr (replace)",
+    )
     args = _parse(p, argv)
-    r = _restore(args.workdir, args.step, task="mt")
-    if args.input is None:
-        lines = sys.stdin.read().splitlines()
-    else:
-        with open(args.input, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    for line in _translate(r, lines, args):
-        print(line, flush=True)
+    with _one_line_errors(p.prog):
+        r = _restore(args.workdir, args.step, task="mt")
+        options = _beam_options(r, args)  # its memory check before any input is read
+        lines = _read_lines(args.input, on_invalid=args.on_invalid_utf8, prog=p.prog)
+        for line in _translate(r, lines, options):
+            print(line, flush=True)
 
 
-def _translate(r: Restored, sentences: list[str], args: argparse.Namespace) -> list[str]:
+def _translate(r: Restored, sentences: list[str], options: dict[str, Any]) -> list[str]:
     try:
-        return translate(
-            r.graphdef,
-            r.params,
-            r.model_cfg,
-            r.tokenizer,
-            sentences,
-            **_beam_options(r, args),
-        )
+        return translate(r.graphdef, r.params, r.model_cfg, r.tokenizer, sentences, **options)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
 def _beam_options(r: Restored, args: argparse.Namespace) -> dict[str, Any]:
-    """The beam-search keywords of `translate` from the command line and the training config."""
+    """The beam-search keywords of `translate` from the command line and the training config
+    (after checking that the decoder's cache fits in memory)."""
+    max_len = r.config.seq_len if args.max_len is None else args.max_len
+    if args.beam_size >= 1 and args.batch_size >= 1:  # beam_search reports smaller values
+        rows = args.batch_size * args.beam_size
+        _check_cache_memory(
+            r.model_cfg,
+            rows=rows,
+            slots=max_len,
+            what=f"--max_len {max_len} x --batch_size {args.batch_size} x --beam_size "
+            f"{args.beam_size}",
+            fix="lower --max_len, --batch_size or --beam_size",
+            extra=3 * rows * max_len * 4,  # live candidates and finished hypotheses
+        )
     return dict(
         beam_size=args.beam_size,
         alpha=args.alpha,
-        max_len=args.max_len or r.config.seq_len,
+        max_len=max_len,
         max_src_len=r.config.seq_len,
         batch_size=args.batch_size,
     )
@@ -199,8 +350,15 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max_sentences", type=int, default=500, help="MT: sentences for BLEU")
     p.add_argument("--beam_size", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.6)
-    p.add_argument("--max_len", type=int, default=None, help="MT: default the training seq_len")
+    p.add_argument(
+        "--max_len", type=_positive_int, default=None, help="MT: default the training seq_len"
+    )
     args = _parse(p, argv)
+    with _one_line_errors(p.prog):
+        _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> None:
     r = _restore(args.workdir, args.step)
     metrics = {"workdir": args.workdir, "step": int(r.step), "task": r.task, "split": args.split}
     ppl = perplexity(r, args.split, max_batches=args.max_batches, batch_size=args.batch_size)

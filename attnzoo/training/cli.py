@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from attnzoo import backends
-from attnzoo.training import loop, schema
+from attnzoo.training import loop, schema, tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment: attnzoo:NAME (a shipped one) or a get_config() file path"
@@ -64,6 +64,15 @@ def _init_distributed() -> None:
     )
 
 
+def _check_memory(config: schema.Config) -> None:
+    """``schema.check_memory``: whether a training step can fit, before anything is
+    allocated or compiled (after ``loop.validate_config``, which ``loop.train`` repeats)."""
+    loop.validate_config(config)
+    # the tokenizer's vocabulary is not known yet: config.vocab_size, else the byte tokenizer's
+    model_cfg = tasks.model_config(config, config.vocab_size or 256)
+    schema.check_memory(config, model_cfg)
+
+
 def _main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -74,9 +83,21 @@ def _main(argv) -> None:
     _init_distributed()
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        _check_memory(_CONFIG.value)
         summary = loop.train(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, loop.TrainingError) as e:
-        print(f"attnzoo-train: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, ZeroDivisionError, loop.TrainingError) as e:
+        print(f"attnzoo-train: error: {schema.describe_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # what schema.check_memory's lower-bound estimate let through
+        first = str(e).strip().splitlines()[0]
+        print(
+            f"attnzoo-train: error: out of memory ({first}); lower config.batch_size or "
+            "config.seq_len, or raise config.grad_accum_steps",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))

@@ -7,14 +7,18 @@ function runs on one CPU, a TPU slice or several hosts; only ``config.mesh`` and
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
+import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,7 @@ from jax.sharding import NamedSharding
 
 import attnzoo.data
 from attnzoo import evaluation
+from attnzoo.data import locking
 from attnzoo.training import checkpoint, experiment, input_pipeline, schema, sharding, steps
 
 
@@ -34,8 +39,16 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says what to do."""
 
 
+class WorkdirInUse(TrainingError):
+    """Another run holds the workdir's lock; the message names its PID and host."""
+
+
 def validate_config(config: schema.Config) -> None:
-    """Rejects keys the defaults do not have (typos) before anything expensive happens."""
+    """Rejects, before anything expensive happens, keys the defaults do not have (typos) and
+    values no run can use (``schema.validate``: intervals, sizes, learning rate, task).
+
+    Independent of the machine; ``attnzoo-train`` also checks that a step fits in its memory
+    (``schema.check_memory``)."""
 
     def walk(c, ref, prefix):
         for key in c:
@@ -49,8 +62,7 @@ def validate_config(config: schema.Config) -> None:
                 walk(c[key], ref[key], f"{prefix}{key}.")
 
     walk(config, schema.get_config(), "")
-    if config.steps < 1 or config.batch_size < 1 or config.seq_len < 1:
-        raise ValueError("config.steps, config.batch_size and config.seq_len must be >= 1")
+    schema.validate(config)
 
 
 class _Logger:
@@ -67,15 +79,32 @@ class _Logger:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        except OSError as e:  # a full disk often shows here first, before a checkpoint save
+            what = "the disk is full" if e.errno == errno.ENOSPC else "the write failed"
+            raise TrainingError(
+                f"writing the metrics of step {step} to {self.jsonl.name} failed: {what} "
+                f"({type(e).__name__}: {e}); the checkpoints are kept: fix that, then rerun "
+                "the same command to resume"
+            ) from e
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+            # each write was flushed: only a write that failed (and was reported) is left over
+            with contextlib.suppress(OSError):
+                self.jsonl.close()
+            try:
+                self.tb.close()
+            except OSError as e:  # a full disk: the checkpoints and metrics.jsonl matter more
+                logging.warning("TensorBoard events not written (%s: %s)", type(e).__name__, e)
+                # tensorboardX would retry the flush at exit and print the error again
+                for writer in (getattr(self.tb, "all_writers", None) or {}).values():
+                    with contextlib.suppress(AttributeError):
+                        writer.event_writer._closed = True
 
 
 class _Preemption:
@@ -183,10 +212,72 @@ def evaluate_bleu(
     return bleu.score
 
 
+def _broadcast_text(text: str, size: int = 1024) -> str:
+    """Process 0's ``text`` on every process (a collective: all of them must call it)."""
+    buf = np.zeros(size, np.uint8)
+    data = text.encode()[:size]
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(out).rstrip(b"\0").decode(errors="replace")
+
+
+def lock_workdir(workdir: str | pathlib.Path) -> IO[str] | None:
+    """Takes ``workdir/.lock`` for this run (process 0 holds it; all processes agree).
+
+    Returns the lock file on process 0 (close it to release; the kernel releases it when the
+    process dies, ``kill -9`` included), ``None`` on the others. Raises ``WorkdirInUse`` on
+    every process, naming the holder, when another run has it.
+    """
+    path = pathlib.Path(workdir).absolute()
+    handle, message = None, ""
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        note = f"pid {os.getpid()} on host {socket.gethostname()} (started {started})"
+        try:
+            handle = locking.hold_lock(path / ".lock", note)
+        except locking.LockHeld as e:
+            message = (
+                f"workdir {workdir} is in use by {e.holder or 'another run'}; wait for it or "
+                "use another --workdir"
+            )
+    if jax.process_count() > 1:
+        message = _broadcast_text(message)
+    if message:
+        if handle is not None:
+            handle.close()
+        raise WorkdirInUse(message)
+    return handle
+
+
 def train(config: schema.Config, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the experiment ``config`` in ``workdir``; returns a summary."""
+    """Trains (or resumes) the experiment ``config`` in ``workdir``; returns a summary.
+
+    One run per workdir: ``workdir/.lock`` is held throughout (``WorkdirInUse`` otherwise). A
+    resume first checks the new config against the checkpoint's (``ConfigMismatch`` names what
+    may not change), then restores the newest readable checkpoint: unreadable newer ones are
+    moved aside (``checkpoints/<step>.corrupt-<time>``). A failed save ends the run at the next
+    step with a ``TrainingError`` that names the step; the last good checkpoint is kept.
+    """
     validate_config(config)
     workdir_path = pathlib.Path(workdir).absolute()
+    lock = lock_workdir(workdir)
+    try:
+        if (workdir_path / "checkpoints").is_dir():
+            # before the data, the tokenizer and any compile; read-only: a config refused
+            # leaves the workdir as it was
+            saved = checkpoint.Checkpoints(workdir_path, read_only=True)
+            try:
+                saved.check_config(config)
+            finally:
+                saved.close()
+        return _train(config, workdir_path)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     if is_main:
         workdir_path.mkdir(parents=True, exist_ok=True)
@@ -207,12 +298,16 @@ def train(config: schema.Config, workdir: str) -> dict[str, Any]:
     ckpt = checkpoint.Checkpoints(
         workdir_path, keep=config.keep_checkpoints, async_save=config.async_checkpoints
     )
-    if ckpt.steps():
-        state, data_state = ckpt.restore(exp.abstract_state)
-        train_iter.set_state(data_state)
-        logging.info("resumed from step %d", int(state.step))
-    else:
-        state = exp.init_state()
+    try:
+        if ckpt.steps():
+            state, data_state = ckpt.restore(exp.abstract_state, config=config, move_aside=True)
+            train_iter.set_state(data_state)
+            logging.info("resumed from step %d", int(state.step))
+        else:
+            state = exp.init_state()
+    except BaseException:
+        ckpt.close()
+        raise
 
     logger = _Logger(workdir_path, enabled=is_main)
     preemption = _Preemption()
@@ -234,8 +329,16 @@ def train(config: schema.Config, workdir: str) -> dict[str, Any]:
             raise TrainingError(
                 f"non-finite loss or gradients at step {step} (loss {m['loss']}, grad norm "
                 f"{m['grad_norm']}); the update was not applied and the last good checkpoint "
-                f"(step {good[-1] if good else 'none'}) is kept. Lower config.learning_rate, "
-                "set config.clip_norm, or use more warmup_steps"
+                f"(step {good[-1] if good else 'none'}) is kept. Lower config.learning_rate "
+                f"(now {config.learning_rate}) or use more config.warmup_steps (now "
+                f"{config.warmup_steps}); "
+                + (
+                    f"gradients are already clipped to global norm {config.clip_norm} "
+                    "(config.clip_norm), so also check the data and the model's dtype"
+                    if config.clip_norm
+                    else "gradient clipping is off (config.clip_norm=0): set e.g. "
+                    "config.clip_norm=1.0"
+                )
             )
         tokens_since += m["tokens"]
         bar.update(1)
@@ -259,6 +362,7 @@ def train(config: schema.Config, workdir: str) -> dict[str, Any]:
             batch = sharding.put_batch(next(train_iter), exp.batch_sharding)
             state, metrics = exp.train_step(state, batch, steps.step_rng(state))
             step += 1
+            ckpt.poll()  # a failed async save ends the run now, not at the next save
             # Read the previous step's metrics while this one runs: in steady state the host
             # never waits for the device.
             if pending is not None:
@@ -306,11 +410,15 @@ def train(config: schema.Config, workdir: str) -> dict[str, Any]:
                 break
         if pending is not None:
             report(*pending)
+        ckpt.close()  # the last save is on disk (or its failure reported) before "completed"
         summary.update(step=step, seconds=time.perf_counter() - t_start)
+    except checkpoint.SaveError as e:
+        raise TrainingError(str(e)) from e
     finally:
         bar.close()
-        ckpt.wait()
-        ckpt.close()
+        # on the way out of an error, that error is the one to report, not a save it cut short
+        with contextlib.suppress(checkpoint.SaveError):
+            ckpt.close()
         logger.close()
         preemption.restore()
     if is_main:

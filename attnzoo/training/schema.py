@@ -11,23 +11,36 @@ in ``<prefix>/share/attnzoo/configs``. ``attnzoo:NAME`` names one wherever it li
 
     attnzoo-train --config attnzoo:lm_tiny --workdir runs/lm    # or --config configs/lm_tiny.py
     config = schema.load_experiment("lm_tiny")                  # the same ConfigDict in Python
+
+``validate(config)`` rejects values no run can use (intervals, sizes, learning rate, task);
+``check_memory(config, model_cfg)`` a training step that cannot fit this machine's memory
+(``estimate_train_memory``). ``attnzoo-train`` runs both before anything is compiled.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import importlib.util
+import math
+import os
 import pathlib
 import sysconfig
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
+
+from attnzoo.models import attention
 
 # An experiment config: the ml_collections.ConfigDict of get_config(), with an experiment's values.
 # Annotations say ``schema.Config`` for it; it is ``Any`` to type checkers because ConfigDict's
 # fields are dynamic (``config.steps`` would otherwise be ``str | float | ... | None``).
 Config = Any
 
+# The values of ``config.task`` (``attnzoo.training.tasks.TASKS`` maps each to its model module).
+TASKS = ("lm", "mt")
 PREFIX = "attnzoo:"  # --config attnzoo:NAME names a shipped experiment file
 _SHARE = ("share", "attnzoo", "configs")  # where the wheel installs them, under the prefix
 
@@ -181,3 +194,212 @@ def load_experiment(name: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+# Keys that must be integers >= 1, and what they count (for the error message).
+_POSITIVE = {
+    "steps": "training steps",
+    "batch_size": "sequences per step, over all processes",
+    "seq_len": "tokens per sequence",
+    "eval_every": "steps between evaluations",
+    "eval_batches": "batches per evaluation",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "latest checkpoints kept",
+    "log_every": "steps between log lines",
+}
+
+# ``ATTNZOO_SKIP_MEMORY_CHECK=1`` skips ``check_memory`` (for when its estimate is wrong).
+SKIP_MEMORY_CHECK_ENV = "ATTNZOO_SKIP_MEMORY_CHECK"
+_GiB = 1 << 30
+
+
+def validate(config: Config) -> None:
+    """Rejects values no run can use, before anything is built, compiled or written.
+
+    Intervals, counts and sizes (``_POSITIVE``) must be integers >= 1, ``learning_rate`` a
+    finite number > 0 (a negative one would train by gradient ascent), and ``task`` one of
+    ``TASKS``. Each message names the key and the fix.
+
+    Raises:
+      ValueError: the first bad value.
+    """
+    defaults = get_config()
+    for key, what in _POSITIVE.items():
+        value = config.get(key, defaults[key])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"config.{key} must be an integer >= 1 ({what}), got {value!r}: set "
+                f"--config.{key}=N (default {defaults[key]})"
+            )
+    lr = config.get("learning_rate", defaults.learning_rate)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        ascent = " (a negative rate trains by gradient ascent)" if lr < 0 else ""
+        raise ValueError(
+            f"config.learning_rate must be a number > 0, got {lr!r}{ascent}: set "
+            f"--config.learning_rate, e.g. {defaults.learning_rate} (the default)"
+        )
+    task = config.get("task", defaults.task)
+    if task not in TASKS:
+        raise ValueError(
+            f"unknown config.task {task!r}: set --config.task to one of {', '.join(TASKS)}"
+        )
+
+
+def gib(n: float) -> str:
+    """``n`` bytes as ``"12.3 GiB"``."""
+    return f"{n / _GiB:.1f} GiB"
+
+
+def memory_limit(devices: Sequence[Any] | None = None) -> tuple[int, str] | None:
+    """(bytes, what they are) available to a program on ``devices``, or ``None`` if unknown.
+
+    CPU devices share the host's physical memory (``os.sysconf``), counted once per process;
+    accelerators add up ``memory_stats()["bytes_limit"]`` of this process's devices, times the
+    number of processes (each host has the same devices). Default: every local device.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    n_proc = jax.process_count()
+    hosts = f" x {n_proc} hosts" if n_proc > 1 else ""
+    if not devices:
+        return None
+    if all(d.platform == "cpu" for d in devices):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+        return total * n_proc, f"physical memory of this host{hosts}"
+    total = 0
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001  (backends without memory stats raise various errors)
+            return None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        total += int(stats["bytes_limit"])
+    return total * n_proc, f"memory of {len(devices)} {devices[0].platform} device(s){hosts}"
+
+
+def _itemsize(dtype: str) -> int:
+    return jax.numpy.dtype(dtype).itemsize
+
+
+def _param_estimate(model_cfg: Any) -> int:
+    """Parameters of the attention and MLP weights and the embedding (biases and norms left
+    out, so this is slightly low)."""
+    d, f, h = model_cfg.d_model, model_cfg.d_ff, model_cfg.head_size
+    attn = d * h * 2 * (model_cfg.n_heads + model_cfg.kv_heads)  # q, o + k, v
+    mlp = d * f * (3 if model_cfg.gated_mlp else 2)
+    total = model_cfg.vocab_size * d * (1 if model_cfg.tie_embeddings else 2)
+    for stack, depth_field in model_cfg.STACKS.items():
+        depth = getattr(model_cfg, depth_field)
+        # a decoder block of an encoder-decoder also has cross-attention
+        cross = attn if stack == "decoder_blocks" else 0
+        total += depth * (attn + cross + mlp)
+    return total
+
+
+def _materialises_scores(model_cfg: Any, length: int) -> bool:
+    """Whether attention over ``length`` keys builds [B, N, T, S] scores (einsum or XLA's
+    ``jax.nn.dot_product_attention``) rather than blocks (blockwise, cuDNN flash)."""
+    impl = model_cfg.attention_impl or attention.default_implementation(length)
+    if impl == "blockwise":
+        return False
+    half = model_cfg.dtype in ("bfloat16", "float16")
+    return not (impl == "jax" and half and jax.default_backend() in ("gpu", "cuda", "rocm"))
+
+
+def estimate_train_memory(config: Config, model_cfg: Any) -> dict[str, int]:
+    """A rough estimate, by part, of the bytes one training step needs (over all devices).
+
+    * ``state``: parameters and gradients in ``param_dtype``, plus AdamW's two moments; the
+      parameter count leaves out biases and norms.
+    * ``activations``: what the backward pass keeps of each block, per token: the inputs of
+      its matmuls and norms, q, k, v, the attention output and the MLP hidden before and
+      after the nonlinearity, ``7 d_model + 2 kv_heads head_size + 2 d_ff`` (``3 d_ff``
+      gated; ``2 d_model + 2 kv_heads head_size`` more for cross-attention), in the compute
+      ``dtype``, for ``batch_size / grad_accum_steps`` sequences of ``seq_len`` tokens. With
+      ``remat``, each block's input and one block's working set.
+    * ``attention``: one layer's float32 attention probabilities [B, N, T, T] when the
+      attention path builds them (einsum / XLA; not blockwise or flash attention).
+    * ``logits``: the float32 [B, T, V] logits unless ``fused_loss``.
+
+    Temporaries, the optimizer update and the eval step are left out, so the estimate is
+    low: XLA:CPU's buffers for lm_tiny at seq_len=100000 take 52 GiB where this says 26 GiB.
+    That keeps ``check_memory`` from refusing a config that fits.
+    """
+    accum = config.get("grad_accum_steps", 1)
+    batch = config.batch_size // accum if isinstance(accum, int) and accum >= 1 else 1
+    tokens = max(batch, 1) * config.seq_len
+    act, param = _itemsize(model_cfg.dtype), _itemsize(model_cfg.param_dtype)
+    copies = 4 if config.get("optimizer", "adamw") == "adamw" else 2
+    d, kv = model_cfg.d_model, model_cfg.kv_heads * model_cfg.head_size
+    block = 7 * d + 2 * kv + (3 if model_cfg.gated_mlp else 2) * model_cfg.d_ff
+    per_block = []
+    for stack, depth_field in model_cfg.STACKS.items():
+        cross = 2 * d + 2 * kv if stack == "decoder_blocks" else 0
+        per_block += [block + cross] * getattr(model_cfg, depth_field)
+    if model_cfg.remat:
+        saved = len(per_block) * d + max(per_block)
+    else:
+        saved = sum(per_block)
+    parts = {
+        "state": _param_estimate(model_cfg) * param * copies,
+        "activations": tokens * saved * act,
+        "attention": 0,
+        "logits": 0,
+    }
+    if _materialises_scores(model_cfg, config.seq_len):
+        parts["attention"] = tokens * model_cfg.n_heads * config.seq_len * 4
+    if not config.get("fused_loss", True):
+        parts["logits"] = tokens * model_cfg.vocab_size * 4
+    return parts
+
+
+def check_memory(config: Config, model_cfg: Any) -> None:
+    """Fails when a training step of ``config`` (its model: ``model_cfg``, e.g.
+    ``tasks.model_config``) cannot fit the memory of this machine's devices
+    (``memory_limit``), by ``estimate_train_memory``: checked before anything is allocated.
+    Skipped when the limit is unknown or ``$ATTNZOO_SKIP_MEMORY_CHECK`` is set.
+
+    Raises:
+      ValueError: the estimate exceeds the limit; the message gives both and what to lower.
+    """
+    if os.environ.get(SKIP_MEMORY_CHECK_ENV, "") not in ("", "0"):
+        return
+    limit = memory_limit()
+    if limit is None:
+        return
+    parts = estimate_train_memory(config, model_cfg)
+    total = sum(parts.values())
+    if total <= limit[0]:
+        return
+    shown = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+    raise ValueError(
+        f"config.batch_size={config.batch_size} x config.seq_len={config.seq_len} needs at "
+        f"least {gib(total)} for one training step ({shown}), more than the {gib(limit[0])} "
+        f"{limit[1]}: lower config.batch_size or config.seq_len, or raise "
+        f"config.grad_accum_steps (set {SKIP_MEMORY_CHECK_ENV}=1 to skip this estimate)"
+    )
+
+
+def describe_error(e: BaseException) -> str:
+    """The one line that ``attnzoo-train``, ``-generate``, ``-translate`` and ``-eval`` print
+    (after ``PROG: error:``) for an error, instead of a traceback.
+
+    An ``OSError`` with a file name becomes ``"<reason>: <path>"``, plus which directories
+    must be writable when that was the problem; ``KeyError`` and ``ZeroDivisionError`` (which
+    a validated config should never reach) keep their type name; anything else is its message.
+    """
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.strerror}: {e.filename}"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            text += (
+                "; the workdir and the data directory (config.data_dir, else "
+                "$ATTNZOO_DATA_DIR, else ~/attnzoo_data) must be writable"
+            )
+    elif isinstance(e, (KeyError, ZeroDivisionError)):
+        text = f"{type(e).__name__}: {e}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
