@@ -9,6 +9,9 @@ by tfds on first use, read as a tfds data source and fed through grain::
     batch = next(it)  # inputs, targets, segment_ids, positions, weights: each [8, 256]
     state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes at the next batch
 
+Your own data uses the same path: ``text:<glob>`` (LM), ``tsv:<glob>`` / ``jsonl:<glob>`` (MT) and
+``tfds:<name>`` with ``text_keys``; see ``attnzoo.data.local`` for the spelling and splits.
+
 See ``attnzoo/data/corpora/README.md`` for provenance and licences of the bundled corpora.
 """
 

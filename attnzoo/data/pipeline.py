@@ -50,6 +50,7 @@ def lm_batches(
     shard_count: int = 1,
     num_epochs: int | None = None,
     packing: bool = True,
+    text_keys: Sequence[str] | None = None,
 ) -> grain.DatasetIterator:
     """Language-model batches: each ``next()`` is a dict of ``[batch_size, seq_len]`` arrays.
 
@@ -62,11 +63,14 @@ def lm_batches(
     Returns a grain iterator of dicts: ``inputs``, ``targets``, ``segment_ids`` (1, 2, ... per
     document in the row, 0 = padding), ``positions`` (restart at 0 per segment), all int32, and
     ``weights`` float32 (1 where the target is a real token). ``num_epochs=None`` repeats forever;
-    a finite run ends with a final batch padded with zero-weight rows.
+    a finite run ends with a final batch padded with zero-weight rows. ``dataset`` may also be
+    your own data, ``text:<glob>`` or ``tfds:<name>`` with ``text_keys`` (``attnzoo.data.local``).
     """
-    (key,) = sources.spec(dataset, task="lm").text_features
+    (key,) = sources.spec(dataset, task="lm", text_keys=text_keys).text_features
     _check_args(seq_len, batch_size, shard_index, shard_count, num_epochs, min_seq_len=1)
-    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count).repeat(num_epochs)
+    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count, text_keys).repeat(
+        num_epochs
+    )
 
     def tokenize(example: dict[str, Any]) -> dict[str, np.ndarray]:
         ids = np.asarray(tokenizer.encode(sources.as_text(example[key])), np.int32)
@@ -106,6 +110,7 @@ def mt_batches(
     shard_count: int = 1,
     num_epochs: int | None = None,
     packing: bool = True,
+    text_keys: Sequence[str] | None = None,
 ) -> grain.DatasetIterator:
     """Translation batches: each ``next()`` is a dict of ``[batch_size, seq_len]`` arrays.
 
@@ -117,11 +122,12 @@ def mt_batches(
 
     Returns a grain iterator of dicts: ``src``, ``src_segment_ids``, ``src_positions``,
     ``tgt_inputs``, ``tgt_targets``, ``tgt_segment_ids``, ``tgt_positions`` (int32) and
-    ``tgt_weights`` (float32, 1 where the target is a real token).
+    ``tgt_weights`` (float32, 1 where the target is a real token). ``dataset`` may also be your
+    own data, ``tsv:<glob>``, ``jsonl:<glob>`` or ``tfds:<name>`` with two ``text_keys``.
     """
-    src_key, tgt_key = sources.spec(dataset, task="mt").text_features
+    src_key, tgt_key = sources.spec(dataset, task="mt", text_keys=text_keys).text_features
     _check_args(seq_len, batch_size, shard_index, shard_count, num_epochs, min_seq_len=2)
-    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count)
+    ds = _examples(dataset, split, data_dir, seed, shard_index, shard_count, text_keys)
 
     def tokenize(example: dict[str, Any]) -> dict[str, np.ndarray]:
         src = tokenizer.encode(sources.as_text(example[src_key]))
@@ -192,13 +198,14 @@ def _examples(
     seed: int,
     shard_index: int,
     shard_count: int,
+    text_keys: Sequence[str] | None = None,
 ) -> grain.MapDataset:
     """One epoch of this process's shard of the split, shuffled.
 
     Callers ``repeat`` it after: shuffle before repeat makes grain reseed the shuffle every
     epoch without mixing epochs.
     """
-    source = sources.data_source(dataset, split, data_dir=data_dir)
+    source = sources.data_source(dataset, split, data_dir=data_dir, text_keys=text_keys)
     if len(source) < shard_count:
         raise ValueError(
             f"split {split!r} of {dataset!r} has {len(source)} examples, fewer than "

@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 
 import tensorflow_datasets as tfds
 
+from attnzoo.data import local
 from attnzoo.data.locking import file_lock
 
 DATA_DIR_ENV = "ATTNZOO_DATA_DIR"
@@ -120,42 +121,73 @@ def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV) or str(pathlib.Path("~/attnzoo_data").expanduser())
 
 
-def spec(dataset: str, *, task: str | None = None) -> DatasetSpec:
-    """The registry entry for ``dataset``; ValueError naming the valid names otherwise."""
-    if dataset not in DATASETS:
+def spec(
+    dataset: str, *, task: str | None = None, text_keys: Sequence[str] | None = None
+) -> DatasetSpec:
+    """The registry entry for ``dataset``; ValueError naming the valid names otherwise.
+
+    Besides the names in ``DATASETS``: ``text:<glob>``, ``tsv:<glob>``, ``jsonl:<glob>`` and
+    ``tfds:<name>`` with ``text_keys`` (see ``attnzoo.data.local``).
+    """
+    if local.is_custom(dataset):
+        s = local.spec(dataset, text_keys)
+    elif dataset not in DATASETS:
         raise ValueError(
-            f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)} "
-            "(add a DatasetSpec to attnzoo.data.sources.DATASETS for another tfds dataset)"
+            f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}, or your own data: "
+            "'text:<glob>', 'tsv:<file>', 'jsonl:<file>', 'tfds:<name>' with text_keys "
+            "(see attnzoo.data.local)"
         )
-    s = DATASETS[dataset]
+    else:
+        s = DATASETS[dataset]
     if task is not None and s.task != task:
         wanted = {"lm": "a language-modelling", "mt": "a translation"}[task]
         valid = [n for n, d in DATASETS.items() if d.task == task]
-        raise ValueError(f"dataset {dataset!r} is not {wanted} dataset; use one of {valid}")
+        hint = {"lm": "'text:<glob>'", "mt": "'tsv:<file>' or 'jsonl:<file>'"}[task]
+        raise ValueError(
+            f"dataset {dataset!r} is not {wanted} dataset (text_keys={s.text_features}); use one "
+            f"of {valid}, or your own data: {hint}"
+        )
     return s
 
 
-def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Sequence[Any]:
-    """Random-access examples (dicts of features) of ``dataset``/``split``, prepared if needed."""
-    s = spec(dataset)
+def data_source(
+    dataset: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    text_keys: Sequence[str] | None = None,
+) -> Sequence[Any]:
+    """Random-access examples (dicts of features) of ``dataset``/``split``, prepared if needed.
+
+    ``text_keys`` names the text features of a custom dataset (``tfds:<name>``, ``jsonl:``).
+    """
+    s = spec(dataset, text_keys=text_keys)
     if split not in s.splits:
         raise ValueError(
             f"unknown split {split!r} for dataset {dataset!r}; valid splits: {', '.join(s.splits)}"
         )
-    importlib.import_module(s.module)  # registers the builder with tfds
+    if local.is_custom(dataset) and not dataset.startswith("tfds:"):
+        return local.data_source(dataset, split, text_keys=text_keys, data_dir=data_dir)
+    if s.module:
+        importlib.import_module(s.module)  # registers the builder with tfds
     data_dir = data_dir or default_data_dir()
     builder = _builder(s, data_dir)
+    if local.is_custom(dataset):  # tfds:<name>: features are known before any download
+        _check_text_keys(builder, s)
     if not builder.is_prepared():
         # Only one process prepares; the others wait, then read what it wrote.
         with file_lock(_dataset_dir(s, data_dir).with_suffix(".lock")):
             builder = _builder(s, data_dir)
             if not builder.is_prepared():
                 _prepare(builder, s, data_dir)
+    split_spec = s.splits[split]
+    if local.is_custom(dataset):
+        split_spec = _generic_split(builder, s, dataset, split)
     try:
         # tfds wraps as_data_source in a wrapt decorator that hides its signature from type
         # checkers; with one split name it returns one random-access Sequence.
         as_data_source = cast(Callable[..., Sequence[Any]], builder.as_data_source)
-        source = as_data_source(split=s.splits[split])
+        source = as_data_source(split=split_spec)
         # Cheap probe: a truncated ArrayRecord file fails here rather than mid-epoch.
         if len(source):
             _ = source[0], source[len(source) - 1]
@@ -167,6 +199,37 @@ def data_source(dataset: str, split: str, *, data_dir: str | None = None) -> Seq
             f"{_dataset_dir(s, data_dir)} so it is prepared again"
         )
     return source
+
+
+def _check_text_keys(builder: Any, s: DatasetSpec) -> None:
+    """``tfds:<name>``: every ``text_keys`` entry is a feature of the dataset."""
+    features = builder.info.features
+    names = list(features.keys()) if hasattr(features, "keys") else []
+    missing = [k for k in s.text_features if names and k not in names]
+    if missing:
+        what = "language pair" if s.task == "mt" else "text feature"
+        raise ValueError(
+            f"tfds dataset {s.tfds_name!r} has no feature {', '.join(map(repr, missing))} (the "
+            f"{what} text_keys={s.text_features} asks for); its features: {', '.join(names)}"
+        )
+
+
+def _generic_split(builder: Any, s: DatasetSpec, dataset: str, split: str) -> str:
+    """The tfds split spec of ``split`` for ``tfds:<name>`` (halves of test if no validation)."""
+    have = set(builder.info.splits.keys()) if builder.info.splits else set(SPLITS)
+    if split in have:
+        return split
+    if "train" not in have:
+        raise ValueError(f"tfds dataset {s.tfds_name!r} has no train split; it has {sorted(have)}")
+    # No such split: LM1B's convention (halves of test), else 5% + 5% of train.
+    if "test" in have and "validation" not in have:
+        return {"validation": "test[:50%]", "test": "test[50%:]"}[split]
+    if "validation" in have:  # no test: halves of validation
+        return {"validation": "validation[:50%]", "test": "validation[50%:]"}[split]
+    raise ValueError(
+        f"tfds dataset {s.tfds_name!r} ({dataset!r}) has only a train split; hold out part of it "
+        "with its own split spec, or use the train split"
+    )
 
 
 def _builder(s: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -226,16 +289,27 @@ def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def texts(dataset: str, split: str, data_dir: str | None = None) -> list[str]:
+def texts(
+    dataset: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    text_keys: Sequence[str] | None = None,
+) -> list[str]:
     """Every document of an LM dataset split, in stored order (for evaluation)."""
-    (key,) = spec(dataset, task="lm").text_features
-    return [as_text(ex[key]) for ex in data_source(dataset, split, data_dir=data_dir)]
+    (key,) = spec(dataset, task="lm", text_keys=text_keys).text_features
+    source = data_source(dataset, split, data_dir=data_dir, text_keys=text_keys)
+    return [as_text(ex[key]) for ex in source]
 
 
-def text_pairs(dataset: str, split: str, data_dir: str | None = None) -> list[tuple[str, str]]:
+def text_pairs(
+    dataset: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    text_keys: Sequence[str] | None = None,
+) -> list[tuple[str, str]]:
     """Every (source, reference) pair of a translation dataset split, in stored order."""
-    src_key, tgt_key = spec(dataset, task="mt").text_features
-    return [
-        (as_text(ex[src_key]), as_text(ex[tgt_key]))
-        for ex in data_source(dataset, split, data_dir=data_dir)
-    ]
+    src_key, tgt_key = spec(dataset, task="mt", text_keys=text_keys).text_features
+    source = data_source(dataset, split, data_dir=data_dir, text_keys=text_keys)
+    return [(as_text(ex[src_key]), as_text(ex[tgt_key])) for ex in source]

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
-from attnzoo.data import sources
+from attnzoo.data import local, sources
 from attnzoo.data.locking import file_lock
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -177,14 +177,16 @@ def train_sentencepiece(
     return model.getvalue()
 
 
-def _training_sentences(dataset: str, *, data_dir: str, seed: int) -> Iterator[str]:
+def _training_sentences(
+    dataset: str, *, data_dir: str, seed: int, text_keys: Sequence[str] | None = None
+) -> Iterator[str]:
     """Lines of the train split (both languages for translation, for a shared vocabulary).
 
     Reads a seeded random subset of examples when the split is large (WMT, LM1B): the source
     is random access, so the sample costs no pass over the data.
     """
-    s = sources.spec(dataset)
-    source = sources.data_source(dataset, "train", data_dir=data_dir)
+    s = sources.spec(dataset, text_keys=text_keys)
+    source = sources.data_source(dataset, "train", data_dir=data_dir, text_keys=text_keys)
     keys = s.text_features
     n = min(len(source), MAX_TRAIN_SENTENCES // len(keys))
     # Sorted for read locality; `choice` without replacement samples n of N without an N-array.
@@ -208,13 +210,15 @@ def get_tokenizer(
     data_dir: str | None = None,
     seed: int = 0,
     model_type: str = "unigram",
+    text_keys: Sequence[str] | None = None,
 ) -> Tokenizer:
     """``"byte"`` or ``"sentencepiece"`` (trained on ``dataset``'s train split at first use).
 
     The sentencepiece model is cached as
     ``{data_dir}/tokenizers/{dataset}.{model_type}{vocab_size}.seed{seed}.model``; delete it to
-    retrain. ``vocab_size`` defaults to the dataset's (4000 Shakespeare, 8000 Bible, 32000 WMT
-    and LM1B).
+    retrain (your own data, ``text:`` etc., is cached under a hash of the name and files, so
+    edited files train a new one). ``vocab_size`` defaults to the dataset's (4000 Shakespeare,
+    8000 Bible and your own data, 32000 WMT and LM1B). ``text_keys``: see ``attnzoo.data.local``.
     """
     if name == "byte":
         if vocab_size not in (None, ByteTokenizer.vocab_size):
@@ -232,16 +236,17 @@ def get_tokenizer(
         )
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"unknown sentencepiece model_type {model_type!r}; use 'unigram' or 'bpe'")
-    vocab_size = vocab_size or sources.spec(dataset).vocab_size
+    vocab_size = vocab_size or sources.spec(dataset, text_keys=text_keys).vocab_size
     data_dir = data_dir or sources.default_data_dir()
-    filename = f"{dataset.replace('/', '_')}.{model_type}{vocab_size}.seed{seed}.model"
+    name = local.cache_name(dataset, text_keys) if local.is_custom(dataset) else dataset
+    filename = f"{name.replace('/', '_')}.{model_type}{vocab_size}.seed{seed}.model"
     path = pathlib.Path(data_dir) / "tokenizers" / filename
     if not path.exists():
         # One process trains; the others wait for the file (training is deterministic anyway).
         with file_lock(path.with_suffix(".lock")):
             if not path.exists():
                 proto = train_sentencepiece(
-                    _training_sentences(dataset, data_dir=data_dir, seed=seed),
+                    _training_sentences(dataset, data_dir=data_dir, seed=seed, text_keys=text_keys),
                     vocab_size=vocab_size,
                     model_type=model_type,
                 )

@@ -364,7 +364,9 @@ def _eval(args: argparse.Namespace) -> None:
     ppl = perplexity(r, args.split, max_batches=args.max_batches, batch_size=args.batch_size)
     metrics.update(ppl)
     if r.task == "mt":
-        pairs = attnzoo.data.text_pairs(r.config.dataset, args.split, r.config.data_dir)
+        pairs = attnzoo.data.text_pairs(
+            r.config.dataset, args.split, r.config.data_dir, text_keys=schema.text_keys(r.config)
+        )
         pairs = pairs[: args.max_sentences]
         try:
             _, bleu = evaluation.translation_bleu(

@@ -63,6 +63,7 @@ CORRUPT_MARK = ".corrupt-"  # checkpoints/60.corrupt-20260101T000000Z: moved asi
 RESUME_FIXED = (
     "task",
     "dataset",
+    "text_keys",
     "tokenizer",
     "vocab_size",
     "packing",

@@ -22,6 +22,7 @@ def get_tokenizer(config: schema.Config) -> attnzoo.data.Tokenizer:
         vocab_size=config.vocab_size,
         data_dir=config.data_dir,
         seed=config.seed,
+        text_keys=schema.text_keys(config),
     )
 
 
@@ -47,6 +48,7 @@ def batches(
         shard_count=shard_count,
         num_epochs=num_epochs,
         packing=config.packing,
+        text_keys=schema.text_keys(config),
     )
     make = {"lm": attnzoo.data.lm_batches, "mt": attnzoo.data.mt_batches}[config.task]
     return make(config.dataset, split, **kw)

@@ -199,7 +199,9 @@ def evaluate_bleu(
     split: str = "validation",
 ) -> float:
     """Corpus sacreBLEU of beam-search translations of ``config.bleu_sentences`` eval pairs."""
-    pairs = attnzoo.data.text_pairs(config.dataset, split, data_dir=config.data_dir)
+    pairs = attnzoo.data.text_pairs(
+        config.dataset, split, data_dir=config.data_dir, text_keys=schema.text_keys(config)
+    )
     _, bleu = evaluation.translation_bleu(
         graphdef,
         params,

@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "lm"  # "lm" (attnzoo.models.decoder_lm) or "mt" (attnzoo.models.encoder_decoder)
     c.dataset = "shakespeare"
     c.tokenizer = "byte"  # "byte" or "sentencepiece"
+    # fields of a tfds:/jsonl: dataset to read: one for an LM, (source, target) for MT; () = default
+    c.text_keys = ()
     c.vocab_size = ml_collections.FieldReference(None, field_type=int)  # sentencepiece only
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.packing = True
@@ -111,6 +113,12 @@ _OVERRIDABLE = {
     str: ("dtype", "activation", "norm"),
     bool: ("remat", "embed_scale", "use_bias", "tie_embeddings"),
 }
+
+
+def text_keys(config: Config) -> tuple[str, ...] | None:
+    """``config.text_keys`` as a tuple, or None when unset (as in configs saved before it)."""
+    keys = config.get("text_keys") if hasattr(config, "get") else None
+    return tuple(keys) if keys else None
 
 
 def model_overrides() -> ml_collections.ConfigDict:
