@@ -10,6 +10,7 @@ queries, ``[N, H, D]`` output) so a rules table can shard them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -388,6 +389,32 @@ def _t5_rules(cfg: encoder_decoder.Config) -> Iterator[Rule]:
         yield _same(("embed", "embedding"), "lm_head.weight")
     else:
         yield _linear(("head", "kernel"), "lm_head.weight")
+
+
+# Tensors a family's checkpoints may carry that hold no parameter (transformers lists them as
+# ``_keys_to_ignore_on_load_unexpected``): the causal-mask buffers of older GPT-2 saves, the
+# RoPE inverse frequencies of older LLaMA saves, and a relative-bias table T5's first decoder
+# cross-attention never reads. Any other tensor that no rule reads is an error, not dropped.
+IGNORED: dict[str, re.Pattern[str]] = {
+    "gpt2": re.compile(r"(transformer\.)?h\.\d+\.(attn|crossattention)\.(masked_)?bias"),
+    "llama": re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.(original_)?inv_freq"),
+    "marian": re.compile(r"(?!)"),  # matches nothing
+    "t5": re.compile(
+        r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"
+    ),
+}
+
+# The per-layer key prefixes of each family and the Hugging Face config field that counts
+# those layers, so that tensors of layers the config does not have are named by that field.
+LAYER_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt2": (("transformer.h", "n_layer"),),
+    "llama": (("model.layers", "num_hidden_layers"),),
+    "marian": (
+        ("model.encoder.layers", "encoder_layers"),
+        ("model.decoder.layers", "decoder_layers"),
+    ),
+    "t5": (("encoder.block", "num_layers"), ("decoder.block", "num_decoder_layers")),
+}
 
 
 FAMILY = {

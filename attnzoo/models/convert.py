@@ -9,13 +9,20 @@ the paper's post-LN, sqrt(d_model)-scaled, sinusoidal encoder-decoder) and T5 v1
     state_dict = convert.to_transformers(cfg, params)    # numpy arrays keyed like hf state_dict
 
 The per-family config mapping and weight rules live in ``_hf_families``.
+
+Loading refuses what would silently give a different model than the checkpoint holds:
+non-float tensors (a quantized checkpoint; ``allow_dtype_cast=True`` casts them anyway), NaN
+or Inf values, tensors the config does not use (a config with too few layers), and shard
+paths in ``model.safetensors.index.json`` outside the checkpoint directory. Configs are read
+with ``trust_remote_code=False``: no code from a checkpoint is ever run.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -23,7 +30,14 @@ import numpy as np
 from flax import nnx
 
 from attnzoo.models import encoder_decoder
-from attnzoo.models._hf_families import FAMILIES, FAMILY, Path, marian_sinusoids
+from attnzoo.models._hf_families import (
+    FAMILIES,
+    FAMILY,
+    IGNORED,
+    LAYER_PREFIXES,
+    Path,
+    marian_sinusoids,
+)
 
 __all__ = [
     "FAMILIES",
@@ -43,16 +57,32 @@ def _family(name: str) -> tuple:
 
 
 def from_state_dict(
-    family: str, hf_config: Any, state_dict: Mapping[str, Any], *, scan_layers: bool = False
+    family: str,
+    hf_config: Any,
+    state_dict: Mapping[str, Any],
+    *,
+    scan_layers: bool = False,
+    allow_dtype_cast: bool = False,
 ) -> tuple[Any, nnx.GraphDef, nnx.State]:
     """Hugging Face tensors (numpy or torch, keyed as the HF model's ``state_dict``) -> our model.
+
+    Float tensors of any precision are cast to float32. Raises ``ValueError`` for a tensor
+    that is not a float type (unless ``allow_dtype_cast``), holds NaN or Inf, or that the
+    config does not use (e.g. ``model.layers.2.*`` when the config has 2 layers).
 
     Returns:
       (cfg, graphdef, params), params float32 (cast with ``jax.tree.map`` if you want bf16).
     """
     make_cfg, rules, module = _family(family)
     cfg = make_cfg(hf_config)
-    sd = {k: _numpy(v) for k, v in state_dict.items()}
+    rule_list = list(rules(cfg))
+    if family == "gpt2" and "wte.weight" in state_dict:  # saved from the bare GPT2Model
+        state_dict = {f"transformer.{k}": v for k, v in state_dict.items()}
+    used = {rule.hf_key for rule in rule_list}
+    if not allow_dtype_cast:
+        _check_float(family, {k: v for k, v in state_dict.items() if k in used})
+    sd = {k: _numpy(v) for k, v in state_dict.items() if k in used}
+    _check_finite(family, sd)
     if family == "marian":
         for side in ("encoder", "decoder"):
             sd.setdefault(
@@ -60,12 +90,10 @@ def from_state_dict(
                 marian_sinusoids(cfg.position.max_len, cfg.d_model),
             )
         sd.setdefault("final_logits_bias", np.zeros((1, cfg.vocab_size), np.float32))
-    if family == "gpt2" and "wte.weight" in sd:  # checkpoints saved from the bare GPT2Model
-        sd = {f"transformer.{k}": v for k, v in sd.items()}
     graphdef, abstract = jax.eval_shape(lambda: module.init(cfg, jax.random.key(0)))
     pure = nnx.to_pure_dict(abstract)
     filled: set[Path] = set()
-    for rule in rules(cfg):
+    for rule in rule_list:
         if rule.hf_key not in sd:
             if all(p in filled for p in rule.paths):  # an optional tied copy
                 continue
@@ -78,6 +106,8 @@ def from_state_dict(
                 continue  # tied copy: the first occurrence wins
             _set(pure, path, value)
             filled.add(path)
+    # after the missing-key check: a checkpoint under other names is reported as missing keys
+    _check_unused(family, hf_config, (k for k in state_dict if k not in used))
     nnx.replace_by_pure_dict(abstract, pure)
     params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), abstract)
     if scan_layers:
@@ -98,6 +128,96 @@ def _set(pure: dict, path: Path, value: np.ndarray) -> None:
     node[path[-1]] = value
 
 
+def _check_unused(family: str, hf_config: Any, keys: Iterable[str]) -> None:
+    """Tensors no rule reads (other than known buffers) -> one error naming them, by layer."""
+    ignored = IGNORED[family]
+    unused = sorted(k for k in keys if not ignored.fullmatch(k))
+    if not unused:
+        return
+    layers: dict[tuple[str, str], dict[int, int]] = {}  # (prefix, field) -> {index: count}
+    others = []
+    for key in unused:
+        for prefix, field in LAYER_PREFIXES[family]:
+            m = re.match(rf"{re.escape(prefix)}\.(\d+)\.", key)
+            if m:
+                counts = layers.setdefault((prefix, field), {})
+                counts[int(m[1])] = counts.get(int(m[1]), 0) + 1
+                break
+        else:
+            others.append(key)
+    parts = []
+    for (prefix, field), counts in layers.items():
+        n = sum(counts.values())
+        parts.append(
+            f"{prefix}.{_ranges(sorted(counts))}.*: {n} tensor{'s' * (n != 1)} the config "
+            f"({field}={getattr(hf_config, field, '?')}) does not use"
+        )
+    if others:
+        shown = ", ".join(repr(k) for k in others[:3])
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        parts.append(
+            f"{shown}{more}: {len(others)} tensor{'s' * (len(others) != 1)} no {family} "
+            "parameter uses"
+        )
+    raise ValueError(
+        f"{family} checkpoint has tensors this config would drop: {'; '.join(parts)}; load "
+        "it with its own config (config.json), or drop those tensors yourself"
+    )
+
+
+def _ranges(indices: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4,7'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _is_float(x: Any) -> tuple[bool, str]:
+    """(is x a floating-point tensor, its dtype's name) for torch, jax and numpy tensors."""
+    dtype: Any = getattr(x, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(x).dtype
+    if hasattr(dtype, "is_floating_point"):  # torch.dtype
+        return bool(dtype.is_floating_point), str(dtype).removeprefix("torch.")
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.floating)), np.dtype(dtype).name
+
+
+def _check_float(family: str, tensors: Mapping[str, Any]) -> None:
+    bad = {}
+    for key, x in tensors.items():
+        is_float, name = _is_float(x)
+        if not is_float:
+            bad[key] = name
+    if bad:
+        key = sorted(bad)[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{family} checkpoint tensor {key!r} is {bad[key]}, not a float type{more}: a "
+            "quantized checkpoint must be dequantized first (pass allow_dtype_cast=True to "
+            "cast the stored values to float32 as they are)"
+        )
+
+
+def _check_finite(family: str, tensors: Mapping[str, np.ndarray]) -> None:
+    bad = {}
+    for key, x in tensors.items():
+        if not np.isfinite(x).all():
+            bad[key] = (int(np.isnan(x).sum()), int(np.isinf(x).sum()), x.size)
+    if bad:
+        key = sorted(bad)[0]
+        nan, inf, size = bad[key]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{family} checkpoint tensor {key!r} has {nan} NaN and {inf} Inf values of "
+            f"{size} (as float32){more}: the checkpoint is corrupt or was saved from a "
+            "diverged run"
+        )
+
+
 def _numpy(x: Any) -> np.ndarray:
     """A torch, jax or numpy tensor as float32 numpy (bfloat16/float16 checkpoints upcast)."""
     if hasattr(x, "detach"):  # torch.Tensor
@@ -106,6 +226,7 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def family_of(hf_config: Any) -> str:
+    """The attnzoo family key of a Hugging Face config (its ``model_type``), or a clear error."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not supported; valid: {FAMILIES}")
@@ -113,13 +234,19 @@ def family_of(hf_config: Any) -> str:
 
 
 def from_transformers(
-    hf_model: Any, *, scan_layers: bool = False
+    hf_model: Any, *, scan_layers: bool = False, allow_dtype_cast: bool = False
 ) -> tuple[Any, nnx.GraphDef, nnx.State]:
     """A transformers PyTorch model (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
     ``MarianMTModel``, ``T5ForConditionalGeneration``) -> (cfg, graphdef, params) computing the
-    same logits."""
+    same logits. Checks its tensors as ``from_state_dict`` does."""
     family = family_of(hf_model.config)
-    return from_state_dict(family, hf_model.config, hf_model.state_dict(), scan_layers=scan_layers)
+    return from_state_dict(
+        family,
+        hf_model.config,
+        hf_model.state_dict(),
+        scan_layers=scan_layers,
+        allow_dtype_cast=allow_dtype_cast,
+    )
 
 
 def from_safetensors(
@@ -128,9 +255,13 @@ def from_safetensors(
     *,
     family: str | None = None,
     scan_layers: bool = False,
+    allow_dtype_cast: bool = False,
 ) -> tuple[Any, nnx.GraphDef, nnx.State]:
     """A checkpoint on disk: a ``.safetensors`` file (give ``hf_config``) or a directory with
-    ``config.json`` and ``model.safetensors`` or sharded ``model.safetensors.index.json``."""
+    ``config.json`` and ``model.safetensors`` or sharded ``model.safetensors.index.json``.
+
+    ``config.json`` is read with ``trust_remote_code=False``. Raises ``ValueError`` for a shard
+    path outside the directory and for the tensors ``from_state_dict`` refuses."""
     # the flax reader keeps bfloat16 checkpoints loadable (numpy has no bfloat16)
     from safetensors.flax import load_file  # noqa: PLC0415  (optional dependency)
 
@@ -139,13 +270,9 @@ def from_safetensors(
         if hf_config is None:
             import transformers  # noqa: PLC0415
 
-            hf_config = transformers.AutoConfig.from_pretrained(path)
+            hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
         index = path / "model.safetensors.index.json"
-        files = (
-            sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-            if index.exists()
-            else [path / "model.safetensors"]
-        )
+        files = _shard_files(path, index) if index.exists() else [path / "model.safetensors"]
     else:
         if hf_config is None:
             raise ValueError(
@@ -159,8 +286,40 @@ def from_safetensors(
             raise ValueError(f"checkpoint file {f} does not exist")
         state.update(load_file(str(f)))
     return from_state_dict(
-        family or family_of(hf_config), hf_config, state, scan_layers=scan_layers
+        family or family_of(hf_config),
+        hf_config,
+        state,
+        scan_layers=scan_layers,
+        allow_dtype_cast=allow_dtype_cast,
     )
+
+
+def _shard_files(directory: pathlib.Path, index: pathlib.Path) -> list[pathlib.Path]:
+    """The shard files an index names, each a relative path inside ``directory``.
+
+    Checked on the names, not on resolved paths: the Hugging Face cache links a snapshot's
+    files to blobs elsewhere, which is fine; a name that climbs out ("../", absolute) is not.
+    """
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map object")
+    files = set()
+    for key, name in weight_map.items():
+        rel = pathlib.PurePosixPath(name) if isinstance(name, str) else None
+        if (
+            rel is None
+            or not name
+            or rel.is_absolute()
+            or ".." in rel.parts
+            or "\\" in name
+            or pathlib.PureWindowsPath(name).drive
+        ):
+            raise ValueError(
+                f"{index}: weight_map puts {key!r} in {name!r}, outside {directory}; shard "
+                "files must be relative paths inside the checkpoint directory"
+            )
+        files.add(directory / rel)
+    return sorted(files)
 
 
 def to_transformers(
