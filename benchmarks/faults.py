@@ -83,7 +83,28 @@ def trainer_env(cache_dir: pathlib.Path) -> dict[str, str]:
         "XLA_FLAGS": FAST_COMPILE,
         "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
         "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONFAULTHANDLER": "1",  # a stalled trainer is stopped with SIGABRT: thread dump
     }
+
+
+def wait_or_stall(proc, progress: Progress, stall_s: float) -> bool:
+    """Waits for ``proc`` to exit; True if it did, False if it logged no step for ``stall_s``
+    seconds (then it is sent SIGABRT, so that its stderr holds every thread's stack)."""
+    last, since = progress.poll(), time.monotonic()
+    while proc.poll() is None:
+        step = progress.poll()
+        if step != last:
+            last, since = step, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            os.killpg(proc.pid, signal.SIGABRT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class Progress:
@@ -167,11 +188,14 @@ class Attempt:
 
 
 class Trainer:
-    def __init__(self, workdir: pathlib.Path, cmd: list[str], env: dict[str, str], log_dir):
+    def __init__(
+        self, workdir: pathlib.Path, cmd: list[str], env: dict[str, str], log_dir, stall_s
+    ):
         self.workdir, self.cmd, self.env, self.log_dir = workdir, cmd, env, log_dir
+        self.stall_s = stall_s
         self.n = 0
 
-    def run(self, fault=None, timeout: float = 600.0) -> Attempt:
+    def run(self, fault=None) -> Attempt:
         """One attempt; ``fault`` is None (run to the end) or (signal, phase, params)."""
         self.n += 1
         err_path = self.log_dir / f"attempt{self.n:03d}.stderr"
@@ -190,11 +214,10 @@ class Trainer:
             try:
                 if fault is not None:
                     self._deliver(proc, t0, progress, fault, attempt)
-                wait = 120.0 if attempt.signal else timeout
-                try:
-                    attempt.rc = proc.wait(timeout=wait)
-                except subprocess.TimeoutExpired:
-                    attempt.rc = None  # a hang: reported by the caller
+                if wait_or_stall(proc, progress, self.stall_s):
+                    attempt.rc = proc.returncode
+                else:
+                    attempt.rc = None  # a hang: reported by the caller (stacks in its log)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -312,20 +335,29 @@ def plan_fault(rng: random.Random, ref: dict, left: int, done_step: int, args) -
 def reference_run(trainer: Trainer, args) -> dict:
     """The uninterrupted run, timed: startup (spawn -> first step) and steps per second."""
     progress = Progress(trainer.workdir)
+    log = trainer.log_dir / "reference.stderr"
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        trainer.cmd, env=trainer.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    first = None
-    while proc.poll() is None:
-        if first is None and progress.poll() > 0:
-            first = time.monotonic()
-        time.sleep(0.01)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            trainer.cmd,
+            env=trainer.env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+        while proc.poll() is None and progress.poll() == 0:
+            if time.monotonic() - t0 > trainer.stall_s:
+                break
+            time.sleep(0.01)
+        first = time.monotonic()
+        finished = wait_or_stall(proc, progress, trainer.stall_s)
     end = time.monotonic()
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        sys.exit(f"fault_soak: the reference run failed ({proc.returncode}):\n{err[-3000:]}")
-    first = first or end
+    if not finished or proc.returncode != 0:
+        what = f"stalled at step {progress.poll()}" if not finished else "failed"
+        sys.exit(
+            f"fault_soak: the uninterrupted reference run {what} (rc {proc.returncode}); "
+            f"its stderr (thread stacks on a stall): {log}\n{_tail(log, 40)}"
+        )
     return dict(
         seconds=end - t0,
         startup_s=first - t0,
@@ -334,7 +366,7 @@ def reference_run(trainer: Trainer, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--faults", type=int, default=None, help="default 20 (--smoke: 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="default 600 (--smoke: 40)")
@@ -343,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-crashes", type=int, default=3, help="failed restarts in a row")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
     ap.add_argument("--keep", action="store_true", help="keep the workdirs and logs")
+    ap.add_argument(
+        "--stall-s", type=float, default=120.0, help="a run with no new step this long is hung"
+    )
     args = ap.parse_args(argv)
     if args.faults is None:
         args.faults = 2 if args.smoke else 20
@@ -361,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     def cmd(name):
         return trainer_command(root / name, args.steps, args.checkpoint_every)
 
-    ref = reference_run(Trainer(root / "ref", cmd("ref"), env, root / "logs"), args)
+    ref = reference_run(Trainer(root / "ref", cmd("ref"), env, root / "logs", args.stall_s), args)
     print(
         f"fault_soak: reference run {ref['seconds']:.1f} s (startup {ref['startup_s']:.1f} s, "
         f"{ref['steps_per_s']:.0f} steps/s); now {args.faults} faults",
@@ -369,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rng = random.Random(args.seed)
-    trainer = Trainer(root / "soak", cmd("soak"), env, root / "logs")
+    trainer = Trainer(root / "soak", cmd("soak"), env, root / "logs", args.stall_s)
     delivered: list[Attempt] = []
     crashes: list[Attempt] = []
     in_a_row = 0
@@ -383,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = _summary(root / "soak")
         completed = a.rc == 0 and summary.get("status") == "completed"
         if a.rc is None:
-            failure = f"attempt {trainer.n} hung (no exit in time): {a.stderr_tail}"
+            failure = (
+                f"attempt {trainer.n} stalled: no new step for {args.stall_s:.0f} s "
+                f"(thread stacks in logs/attempt{trainer.n:03d}.stderr): "
+                + a.stderr_tail.replace("\n", " | ")
+            )
             break
         if a.signal:
             ok_rc = {-signal.SIGKILL} if a.signal == "SIGKILL" else {0, -signal.SIGTERM}
