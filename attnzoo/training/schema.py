@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset = "shakespeare"
     c.tokenizer = "byte"  # "byte" or "sentencepiece"
     # fields of a tfds:/jsonl: dataset to read: one for an LM, (source, target) for MT; () = default
-    c.text_keys = ()
+    c.text_keys = ml_collections.FieldReference(None, field_type=tuple)
     c.vocab_size = ml_collections.FieldReference(None, field_type=int)  # sentencepiece only
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.packing = True
