@@ -75,23 +75,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 def _ckpt_config(**overrides):
-    c = schema.load_experiment("lm_tiny")
-    c.model_overrides.update(d_model=32, d_ff=64, n_layers=1)
-    c.mesh.data = 1
-    c.update(
-        steps=4,
-        batch_size=4,
-        seq_len=16,
-        schedule="constant",
-        warmup_steps=0,
-        checkpoint_every=2,
-        eval_every=1000,
-        eval_batches=1,
-        log_every=1,
-        async_checkpoints=False,
-    )
-    c.update(overrides)
-    return c
+    """The tiny LM of ``_inp_config``, 4 steps with a checkpoint every 2."""
+    return _inp_config("lm", **{"steps": 4, "checkpoint_every": 2, **overrides})
 
 
 @pytest.fixture(scope="module")
