@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_workdir
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -n auto --maxprocesses=4
 
-.PHONY: install dev demo test lint format docs bench figures clean
+.PHONY: install dev demo test lint format docs bench figures clean study
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ docs: $(VENV)/.docs-installed
 
 bench: dev
 	$(PY) -m benchmarks.run --markdown benchmarks/RESULTS.md
+
+# Positional encodings vs evaluation length (~45 min on 2 CPU cores): one LM per kind; writes
+# benchmarks/positions.{jsonl,md,png} and its section of benchmarks/RESULTS.md
+study: dev
+	$(PY) -m benchmarks.positions
 
 figures: dev
 	$(PY) notebooks/make_figures.py

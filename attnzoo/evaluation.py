@@ -13,24 +13,38 @@ from typing import Any
 
 import jax
 import numpy as np
-import sacrebleu
 from flax import nnx
-from sacrebleu.metrics.bleu import BLEUScore
+from sacrebleu.metrics.bleu import BLEU, BLEUScore
 
 from attnzoo.decoding.translate import translate
 from attnzoo.models import encoder_decoder as ed
 
-__all__ = ["corpus_bleu", "perplexity", "translation_bleu"]
+__all__ = ["bleu_signature", "corpus_bleu", "perplexity", "translation_bleu"]
+
+
+def _bleu() -> BLEU:
+    """The sacreBLEU metric every score here uses: its defaults (13a tokenisation, mixed case,
+    exponential smoothing), as WMT reports."""
+    return BLEU()
 
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BLEUScore:
     """sacreBLEU (13a tokenisation, as WMT reports) of detokenised strings, one reference each.
 
-    ``.score`` is the BLEU in [0, 100]; ``str()`` of the result carries sacreBLEU's signature.
+    ``.score`` is the BLEU in [0, 100]; ``str()`` of the result is sacreBLEU's score line
+    (``BLEU = 21.3 55.1/27.0/...``); ``bleu_signature()`` gives the settings it was computed with.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
+    return _bleu().corpus_score(list(hypotheses), [list(references)])
+
+
+def bleu_signature() -> str:
+    """sacreBLEU's signature of ``corpus_bleu``'s settings, to report next to a score:
+    ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.x.y``."""
+    metric = _bleu()
+    metric.corpus_score([""], [[""]])  # sacreBLEU signs a metric once it knows the references
+    return str(metric.get_signature())
 
 
 def translation_bleu(
@@ -45,6 +59,7 @@ def translation_bleu(
     max_len: int = 128,
     max_src_len: int = 128,
     batch_size: int = 16,
+    max_len_offset: int | None = None,
 ) -> tuple[list[str], BLEUScore]:
     """Translates the sources of ``(source, reference)`` pairs with beam search and scores them.
 
@@ -65,6 +80,7 @@ def translation_bleu(
         max_len=max_len,
         max_src_len=max_src_len,
         batch_size=batch_size,
+        max_len_offset=max_len_offset,
     )
     return hypotheses, corpus_bleu(hypotheses, [ref for _, ref in pairs])
 

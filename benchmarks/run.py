@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 
@@ -205,6 +206,15 @@ def markdown(records: list[dict], peak: float, tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_sections(old: str) -> str:
+    """What follows this script's table in the results file being rewritten, kept after the
+    new table: everything from the first ``## `` heading or ``<!-- `` marker line on (sections
+    that benchmarks ``make bench`` does not run write: the fault soak, ``benchmarks.sharding``,
+    ``benchmarks.positions``)."""
+    m = re.search(r"^(## |<!-- )", old, re.MULTILINE)
+    return "" if m is None else "\n" + old[m.start() :]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", default=",".join(TASKS), help="comma-separated tasks")
@@ -258,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(records, peak, tasks)
     print(md)
     if args.markdown:
-        pathlib.Path(args.markdown).write_text(md)
+        path = pathlib.Path(args.markdown)
+        path.write_text(md + kept_sections(path.read_text() if path.exists() else ""))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,20 @@
 import io
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import sacrebleu
 
+from attnzoo import evaluation
 from attnzoo.decoding import beam_search, cli, generate
+from attnzoo.decoding.translate import translate
+from attnzoo.models import decoder_lm
 from attnzoo.training.checkpoint import load_for_inference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,7 +126,96 @@ def test_eval_cli_reports_bleu_for_mt(mt_workdir, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["task"] == "mt" and got["sentences"] == 4
     assert 0.0 <= got["bleu"] <= 100.0 and got["perplexity"] > 1.0
-    assert "BLEU" in got["bleu_signature"]
+    # sacreBLEU's signature (the settings), not its score line ("BLEU = ...")
+    sig = dict(item.split(":", 1) for item in got["bleu_signature"].split("|"))
+    assert sig["nrefs"] == "1" and sig["tok"] == "13a" and sig["case"] == "mixed"
+    assert sig["version"] == sacrebleu.__version__
+
+
+def test_eval_bleu_on_any_parallel_text(mt_workdir, tmp_path, capsys):
+    sources = ["In the beginning God created the heaven and the earth.", "And God said", "Amen."]
+    refs = ["En el principio creó Dios los cielos y la tierra.", "Y dijo Dios", "Amén."]
+    src, ref = tmp_path / "test.en", tmp_path / "test.es"
+    src.write_text("\n".join(sources) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(refs) + "\n", encoding="utf-8")
+    cli.eval_main(
+        ["--workdir", str(mt_workdir), "--src_file", str(src), "--ref_file", str(ref),
+         "--max_len", "16"]
+    )  # fmt: skip
+    got = json.loads(capsys.readouterr().out)
+    assert got["src_file"] == str(src) and got["ref_file"] == str(ref) and "split" not in got
+    r = load_for_inference(str(mt_workdir))
+    hyps = translate(
+        r.graphdef, r.params, r.model_cfg, r.tokenizer, sources, beam_size=4, alpha=0.6,
+        max_len=16, max_src_len=r.config.seq_len,
+    )  # fmt: skip
+    assert got["sentences"] == 3
+    assert got["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+    assert got["bleu_signature"] == evaluation.bleu_signature()
+
+
+def test_eval_text_file_perplexity_matches_a_direct_computation(lm_workdir, tmp_path, capsys):
+    text = "\n".join(["ROMEO:", "But soft, what light through yonder window breaks?"] * 3)
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    cli.eval_main(["--workdir", str(lm_workdir), "--text_file", str(path), "--batch_size", "2"])
+    got = json.loads(capsys.readouterr().out)
+    assert got["text_file"] == str(path) and got["task"] == "lm" and "split" not in got
+    # by hand: [bos] + tokens + [eos] in consecutive windows of seq_len predictions
+    r = load_for_inference(str(lm_workdir))
+    tok, window = r.tokenizer, r.config.seq_len
+    ids = np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id])
+    assert len(ids) - 1 > 2 * window  # three windows, the last one partial, over two batches
+    nll = 0.0
+    for start in range(0, len(ids) - 1, window):
+        inputs, targets = ids[:-1][start : start + window], ids[1:][start : start + window]
+        logits = decoder_lm.apply(r.graphdef, r.params, jnp.asarray(inputs[None]))
+        logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        nll -= float(np.take_along_axis(logp, targets[:, None], axis=-1).sum())
+    assert got["tokens"] == len(ids) - 1
+    np.testing.assert_allclose(got["perplexity"], np.exp(nll / (len(ids) - 1)), rtol=1e-4)
+
+
+def test_eval_file_options_are_checked(lm_workdir, mt_workdir, tmp_path):
+    src, ref, empty = tmp_path / "src.txt", tmp_path / "ref.txt", tmp_path / "empty.txt"
+    src.write_text("a\nb\n")
+    ref.write_text("a\n")
+    empty.write_text("")
+    lm, mt = ["--workdir", str(lm_workdir)], ["--workdir", str(mt_workdir)]
+    with pytest.raises(SystemExit, match="--text_file needs a 'lm' run; .* holds a 'mt' model"):
+        cli.eval_main([*mt, "--text_file", str(src)])
+    with pytest.raises(SystemExit, match="--src_file/--ref_file needs a 'mt' run"):
+        cli.eval_main([*lm, "--src_file", str(src), "--ref_file", str(ref)])
+    with pytest.raises(SystemExit, match="--src_file and --ref_file go together"):
+        cli.eval_main([*mt, "--src_file", str(src)])
+    with pytest.raises(SystemExit, match=r"has 2 lines but --ref_file .* has 1: give one"):
+        cli.eval_main([*mt, "--src_file", str(src), "--ref_file", str(ref)])
+    with pytest.raises(SystemExit, match=r"--text_file .*empty.txt is empty"):
+        cli.eval_main([*lm, "--text_file", str(empty)])
+    with pytest.raises(SystemExit, match=r"No such file or directory: .*missing.txt"):
+        cli.eval_main([*lm, "--text_file", str(tmp_path / "missing.txt")])
+
+
+@pytest.mark.parametrize("main", [cli.generate_main, cli.translate_main, cli.eval_main])
+def test_help_shows_every_flag_with_help_and_default(main, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    options = capsys.readouterr().out.split("options:\n", 1)[1]
+    names = set()
+    for block in re.split(r"\n(?=  -)", options.rstrip()):
+        spec, _, text = re.split(r"(\s{2,})", block.strip(), maxsplit=1)
+        if spec.startswith("-h, --help"):
+            continue
+        flags = re.findall(r"--([\w-]+)", spec)
+        names.update(flags)
+        for name in flags:
+            assert re.fullmatch(r"[a-z][a-z0-9_]*", name), f"--{name}: not --snake_case"
+        assert len(text.split()) >= 3, f"{spec} has no help"
+        assert "default" in text or "(required)" in text, f"{spec} shows no default: {text}"
+    assert {"workdir", "step", "cpu_tuning", "nocpu_tuning"} <= names
+    if main is cli.eval_main:
+        assert {"text_file", "src_file", "ref_file"} <= names
 
 
 def test_missing_workdir_is_a_clear_error(tmp_path):
@@ -133,7 +229,8 @@ def test_missing_workdir_is_a_clear_error(tmp_path):
         ([], False, 0),  # called from Python: the caller's process is left alone
         (["--cpu_tuning"], False, 1),
         ([], True, 1),  # run as a program (argv from sys.argv): tuned unless opted out
-        (["--no-cpu_tuning"], True, 0),
+        (["--nocpu_tuning"], True, 0),  # absl's spelling, as attnzoo-train's
+        (["--no-cpu_tuning"], True, 0),  # argparse's, still accepted
     ],
 )
 def test_cpu_tuning_flag(tmp_path, monkeypatch, argv_tail, program, tuned):

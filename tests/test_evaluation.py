@@ -20,6 +20,20 @@ def test_corpus_bleu_is_sacrebleu_13a():
         evaluation.corpus_bleu(hyps, refs[:1])
 
 
+def test_bleu_signature_is_sacrebleus_signature_not_the_score_line():
+    sig = evaluation.bleu_signature()
+    fields = dict(item.split(":", 1) for item in sig.split("|"))
+    assert fields == {
+        "nrefs": "1",
+        "case": "mixed",
+        "eff": "no",
+        "tok": "13a",
+        "smooth": "exp",
+        "version": sacrebleu.__version__,
+    }
+    assert "BLEU" not in sig and "=" not in sig
+
+
 def test_perplexity_is_token_weighted_over_batches():
     batches = [{"nll": np.float32(2.0), "w": np.float32(4.0)}, {"nll": 6.0, "w": 4.0}]
     sums = lambda b: (b["nll"], b["w"])

@@ -141,7 +141,8 @@ def _batch(B=8, T=12, V=32, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, V, (B, T + 1)).astype(np.int32)
     weights = np.ones((B, T), np.float32)
-    weights[: B // 2, T // 2 :] = 0.0  # padding concentrated in the first micro-batch
+    # padding concentrated in the first of 4 micro-batches, which are strided: rows 0, 4, ...
+    weights[::4, T // 2 :] = 0.0
     segment_ids = weights.astype(np.int32)
     return dict(
         inputs=tokens[:, :-1],
@@ -176,6 +177,16 @@ def test_gradient_accumulation_equals_the_full_batch(model):
     assert float(m_acc["tokens"]) == batch["weights"].sum()
     for a, b in zip(jax.tree.leaves(new_acc.params), jax.tree.leaves(new_full.params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_micro_batches_are_strided_rows():
+    batch = {"x": jnp.arange(8)[:, None] * jnp.ones((1, 3), int)}
+    micro = steps.micro_batches(batch, 4)["x"]
+    assert micro.shape == (4, 2, 3)
+    # micro-batch i = rows i, i + 4: under data parallelism each device keeps its own rows
+    np.testing.assert_array_equal(micro[:, :, 0], [[0, 4], [1, 5], [2, 6], [3, 7]])
+    with pytest.raises(ValueError, match="divisible by grad_accum_steps"):
+        steps.micro_batches(batch, 3)
 
 
 def test_padding_does_not_contribute(model):

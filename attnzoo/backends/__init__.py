@@ -14,9 +14,9 @@ computation.
 
 from __future__ import annotations
 
-from attnzoo.backends import allocator, cpu
+from attnzoo.backends import allocator, cpu, memory
 
-__all__ = ["allocator", "cpu", "tune_for_platform"]
+__all__ = ["allocator", "cpu", "memory", "tune_for_platform"]
 
 
 def tune_for_platform(*, host_allocator: bool = True) -> str | None:

@@ -34,14 +34,24 @@ def translate(
     max_len: int = 128,
     max_src_len: int = 128,
     batch_size: int = 16,
+    max_len_offset: int | None = None,
 ) -> list[str]:
     """Translates ``sentences`` with beam search (the paper's beam 4, alpha 0.6) -> strings.
 
-    Sources longer than ``max_src_len`` tokens are cut (their end-of-sentence kept), since the
-    model never saw longer ones in training.
+    Sources longer than ``max_src_len`` tokens are cut (their end-of-sentence kept); raise it
+    to evaluate longer sentences than the model trained on.
+
+    Args:
+      max_len: target tokens at most (EOS included).
+      max_len_offset: the paper's output limit, "input length + 50" (section 6.1): each batch
+        generates at most its padded source width + ``max_len_offset`` tokens (the width, a
+        power of two >= every source in the batch, keeps the compiled shapes few), and never
+        more than ``max_len``. ``None``: ``max_len`` for every batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_len_offset is not None and max_len_offset < 0:
+        raise ValueError(f"max_len_offset must be >= 0, got {max_len_offset}")
     encoded = []
     for s in sentences:
         ids = tokenizer.encode(s)[: max_src_len - 1] + [tokenizer.eos_id]
@@ -64,7 +74,7 @@ def translate(
                 src,
                 beam_size=beam_size,
                 alpha=alpha,
-                max_len=max_len,
+                max_len=max_len if max_len_offset is None else min(max_len, width + max_len_offset),
                 eos_id=tokenizer.eos_id,
                 bos_id=tokenizer.bos_id,
                 pad_id=tokenizer.pad_id,

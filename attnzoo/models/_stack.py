@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnzoo.models.blocks import Block, check_remat_policy
+from attnzoo.models.blocks import Block
 from attnzoo.models.mha import KVCache
+from attnzoo.models.remat import checkpoint_policy, effective_policy
 
 # a tuple of per-layer KVCache, one stacked KVCache, or None
 _Layers = TypeVar("_Layers", bound=tuple[KVCache, ...] | KVCache | None)
@@ -57,8 +58,8 @@ def run_stack(
       per_layer: a dict of per-layer inputs (``cache``, ``encoded_kv``): tuples of one entry per
         layer when unrolled, pytrees with a leading layer axis when scanned. ``None`` entries
         are fine.
-      cfg: the model config: ``scan_layers`` says how the stack was built; ``remat``
-        checkpoints each block with ``jax.checkpoint_policies.<remat_policy>``.
+      cfg: the model config: ``scan_layers`` says how the stack was built; ``remat_policy``
+        (``attnzoo.models.remat``) how each block is checkpointed.
       rngs: apply dropout with these (``None``: deterministic).
       shared: keyword arguments every block receives unchanged (positions, masks, bias...).
     Returns:
@@ -78,13 +79,13 @@ def run_stack(
         layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
         return block(h, **shared, **inputs, deterministic=deterministic, rngs=layer_rngs)
 
-    if cfg.remat:
-        check_remat_policy(cfg.remat_policy)
+    policy = effective_policy(cfg.remat, cfg.remat_policy)
+    if policy != "none":
         # scan's loop boundary already stops the compiler from CSE-ing the recomputation away
         layer = jax.checkpoint(
             layer,
             static_argnums=(0,),
-            policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+            policy=checkpoint_policy(policy),
             prevent_cse=not scan,
         )
 

@@ -5,39 +5,120 @@
 Shapes use ``B`` batch, ``T`` query length, ``S`` key length, ``N`` query heads, ``K`` key/value
 heads (``N % K == 0``: MHA when equal, GQA when smaller, MQA when 1) and ``H`` head dim.
 
-Three interchangeable paths compute the same function:
+Interchangeable paths compute the same function; ``implementation=`` is the one switch between
+them, and the only place backend-specific attention code is reached from:
 
-* ``"einsum"``: two einsums and a float32 softmax; XLA fuses mask + softmax. Default on CPU/TPU.
-* ``"jax"``: ``jax.nn.dot_product_attention``, which dispatches to cuDNN flash attention on
-  GPU. Default on GPU.
+* ``"einsum"``: two einsums and a float32 softmax; XLA fuses mask + softmax. Default on CPU and
+  wherever no kernel applies.
+* ``"jax"``: ``jax.nn.dot_product_attention`` (its XLA implementation). The GPU fallback.
 * ``"blockwise"``: online softmax over key blocks with a recomputing backward
-  (``attnzoo.models.blockwise``), O(T * block) memory for long sequences.
+  (``attnzoo.models.blockwise``), O(T * block) memory for long sequences. Default on CPU from
+  1024 keys.
+* ``"cudnn"``: cuDNN flash attention (``attention_kernels``). Default on CUDA GPUs where it
+  applies (bf16/fp16, head_dim, no Shaw terms or dropout).
+* ``"splash"``: the Pallas TPU splash kernel (``attention_kernels``; interpreted on CPU, for
+  tests). Default on TPU from ``SPLASH_FROM`` keys where it applies (no bias, dense mask, Shaw
+  terms or dropout; lengths multiples of 128).
+
+``IMPLEMENTATIONS`` are the portable XLA paths (every backend, every shape); ``KERNELS`` the
+accelerator kernels. The default is chosen at trace time from ``jax.default_backend()``: a
+CPU host picks an XLA path, which lowers for every platform (``jax.export`` to TPU/CUDA).
+When the backend's kernel cannot run a call, the default falls back to the XLA path and logs
+why, once per reason; an explicit ``implementation=`` that cannot run raises ``ValueError``.
+Rows whose every key is masked (padding queries) give finite values on every path; which
+values is path-specific (losses weight such rows 0).
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
+from attnzoo.models import attention_kernels
 from attnzoo.models.blockwise import blockwise_attention
 from attnzoo.models.masks import MASKED_LOGIT, MaskSpec
 
 IMPLEMENTATIONS = ("einsum", "jax", "blockwise")
+KERNELS = ("cudnn", "splash")
+ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + KERNELS
 
 # Defaults are the fastest path measured per backend (CPU timings: benchmarks/README.md,
-# "Attention paths on the dev CPU"); on GPU jax.nn.dot_product_attention can use cuDNN flash.
-_DEFAULT_BY_BACKEND = {"cpu": "einsum", "gpu": "jax", "cuda": "jax", "rocm": "jax", "tpu": "einsum"}
+# "Attention paths on the dev CPU").
+_DEFAULT_BY_BACKEND = {"cpu": "einsum", "gpu": "cudnn", "cuda": "cudnn", "tpu": "einsum"}
 # Key lengths from which the default switches to "blockwise" (backends not listed: never).
 _BLOCKWISE_FROM = {"cpu": 1024}
+# Key length from which the TPU default is splash: MaxText's "autoselected" attention uses
+# its splash kernel for every training length >= 128 (one lane-width block) and dot-product
+# attention below; the kernel never materialises [T, S] scores and skips the blocks a causal
+# or sliding-window mask rules out (about half the FLOPs of causal attention).
+SPLASH_FROM = 128
+# The XLA path a backend falls back to when its kernel cannot run a call.
+_FALLBACK = {"gpu": "jax", "cuda": "jax"}
+
+_log = logging.getLogger(__name__)
+_logged_reasons: set[str] = set()
 
 
 def default_implementation(k_len: int | None = None) -> str:
-    """The attention path used when none is given, by ``jax.default_backend()`` and key length."""
+    """The attention path preferred by ``jax.default_backend()`` for ``k_len`` keys.
+
+    ``dot_product_attention`` starts from this and falls back to an XLA path when the
+    preferred kernel cannot run the call (dtype, head_dim, mask kind, bias...).
+    """
     backend = jax.default_backend()
+    if backend == "tpu" and k_len is not None and k_len >= SPLASH_FROM:
+        return "splash"
     threshold = _BLOCKWISE_FROM.get(backend)
     if k_len is not None and threshold is not None and k_len >= threshold:
         return "blockwise"
     return _DEFAULT_BY_BACKEND.get(backend, "einsum")
+
+
+def _log_once(reason: str) -> None:
+    if reason not in _logged_reasons:
+        _logged_reasons.add(reason)
+        _log.info("attention: %s", reason)
+
+
+def _unsupported(impl, q, k, spec, bias, *, rel, dropout, explicit) -> str | None:
+    """Why kernel ``impl`` cannot run this call, or None."""
+    if impl == "cudnn":
+        return attention_kernels.cudnn_unsupported(
+            q, k, spec, bias, rel=rel, dropout=dropout, structured_only=not explicit
+        )
+    return attention_kernels.splash_unsupported(q, k, spec, bias, rel=rel, dropout=dropout)
+
+
+def _resolve(implementation, q, k, spec, bias, *, rel, dropout) -> str:
+    """The path to run: ``implementation`` checked, or the default with its fallback."""
+    if implementation is not None:
+        if implementation not in ALL_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown attention implementation {implementation!r}; valid: {ALL_IMPLEMENTATIONS}"
+            )
+        if implementation in KERNELS:
+            reason = _unsupported(
+                implementation, q, k, spec, bias, rel=rel, dropout=dropout, explicit=True
+            )
+            if reason:
+                raise ValueError(
+                    f"attention implementation {implementation!r} cannot run this call: "
+                    f"{reason}. Implementations that run on every backend and shape: "
+                    f"{IMPLEMENTATIONS}; leave implementation=None to pick one automatically"
+                )
+        return implementation
+    S = k.shape[1]
+    impl = default_implementation(S)
+    if impl in KERNELS:
+        reason = _unsupported(impl, q, k, spec, bias, rel=rel, dropout=dropout, explicit=False)
+        if reason:
+            backend = jax.default_backend()
+            fallback = _FALLBACK.get(backend, "einsum")
+            _log_once(f"{impl} not used ({reason}); using {fallback!r}")
+            impl = fallback
+    return impl
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> None:
@@ -104,10 +185,13 @@ def dot_product_attention(
       rel_v: [B or 1, T, S, H] relative-position value terms (Shaw et al. 2018, eq. 3).
       dropout_rate: attention-weight dropout (needs ``dropout_rng``).
       dropout_rng: PRNG key of the dropout.
-      implementation: ``"einsum"``, ``"jax"`` (``jax.nn.dot_product_attention``) or
-        ``"blockwise"`` (O(T * block) memory); default ``default_implementation(S)``. Shaw terms
-        and dropout always run on the einsum path.
-      block_size: query and key block size of the blockwise path.
+      implementation: ``"einsum"``, ``"jax"`` (``jax.nn.dot_product_attention``),
+        ``"blockwise"`` (O(T * block) memory), ``"cudnn"`` or ``"splash"`` (accelerator
+        kernels; see the module docstring); default: the backend's kernel where it applies,
+        else an XLA path (``default_implementation``). On the XLA paths, Shaw terms and
+        dropout always run on the einsum path; the kernels refuse them (``ValueError``).
+      block_size: query and key block size of the blockwise path; the splash kernel's blocks
+        are the largest multiple of 128 up to it that divides the length.
     Returns:
       [B, T, N, H], in the dtype of ``q``. Softmax runs in float32 for every input dtype.
     """
@@ -115,11 +199,17 @@ def dot_product_attention(
     B, T, N, _ = q.shape
     S = k.shape[1]
     spec = MaskSpec.of(mask, causal=causal).validate(B, N, T, S)
-    impl = implementation or default_implementation(S)
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; valid: {IMPLEMENTATIONS}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    needs_einsum = rel_k is not None or rel_v is not None or dropout_rate > 0.0
+    rel = rel_k is not None or rel_v is not None
+    impl = _resolve(implementation, q, k, spec, bias, rel=rel, dropout=dropout_rate > 0.0)
+    logit_scale: float = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = logit_scale
+    if impl == "splash":
+        return attention_kernels.splash_attention(
+            q, k, v, spec=spec, scale=logit_scale, block_size=block_size
+        )
+    if impl == "cudnn":
+        return attention_kernels.cudnn_attention(q, k, v, spec=spec, bias=bias, scale=logit_scale)
+    needs_einsum = rel or dropout_rate > 0.0
     if impl == "blockwise" and not needs_einsum:
         return blockwise_attention(
             q, k, v, mask=spec, bias=bias, scale=scale, q_block=block_size, k_block=block_size

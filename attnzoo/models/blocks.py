@@ -18,23 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnzoo.models.activation_sharding import constrain
 from attnzoo.models.layers import ACTIVATIONS, MLP, Norm
 from attnzoo.models.masks import MaskSpec
 from attnzoo.models.mha import KVCache, MultiHeadAttention
 from attnzoo.models.positional import validate as validate_position
-
-REMAT_POLICIES = (
-    "nothing_saveable",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "everything_saveable",
-)
-
-
-def check_remat_policy(name: str) -> None:
-    """Raises a clear error unless ``name`` is one of ``REMAT_POLICIES``."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {name!r}; valid: {', '.join(REMAT_POLICIES)}")
+from attnzoo.models.remat import REMAT_POLICIES as REMAT_POLICIES  # re-exported
+from attnzoo.models.remat import check_remat_policy
 
 
 def validate_config(cfg: Any) -> None:
@@ -134,12 +124,18 @@ class Block(nnx.Module):
         self.residual_dropout = nnx.Dropout(cfg.dropout)
 
     def _sublayer(self, x, norm, fn, deterministic, rngs):
-        """Residual connection with dropout around ``fn``, pre- or post-LN."""
+        """Residual connection with dropout around ``fn``, pre- or post-LN.
+
+        The residual stream is pinned to ("batch", "length", "embed") under a sharding scope
+        (``activation_sharding``; a no-op without one).
+        """
         if self.pre_norm:
             y, aux = fn(norm(x))
-            return x + self.residual_dropout(y, deterministic=deterministic, rngs=rngs), aux
-        y, aux = fn(x)
-        return norm(x + self.residual_dropout(y, deterministic=deterministic, rngs=rngs)), aux
+            y = x + self.residual_dropout(y, deterministic=deterministic, rngs=rngs)
+        else:
+            y, aux = fn(x)
+            y = norm(x + self.residual_dropout(y, deterministic=deterministic, rngs=rngs))
+        return constrain(y, ("batch", "length", "embed")), aux
 
     def __call__(
         self,

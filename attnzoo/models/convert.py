@@ -6,7 +6,9 @@ the paper's post-LN, sqrt(d_model)-scaled, sinusoidal encoder-decoder) and T5 v1
 
     cfg, graphdef, params = convert.from_transformers(hf_torch_model)
     cfg, graphdef, params = convert.from_safetensors("path/to/checkpoint_dir")  # no torch needed
+    cfg, graphdef, params = convert.from_pretrained("gpt2")  # a Hub name or a directory
     state_dict = convert.to_transformers(cfg, params)    # numpy arrays keyed like hf state_dict
+    convert.save_pretrained(cfg, params, "out_dir")      # config.json + model.safetensors
 
 The per-family config mapping and weight rules live in ``_hf_families``.
 
@@ -20,6 +22,7 @@ with ``trust_remote_code=False``: no code from a checkpoint is ever run.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
@@ -27,9 +30,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from attnzoo.models import encoder_decoder
+from attnzoo.models import encoder_decoder, hf_files
+from attnzoo.models._hf_configs import hf_config_dict, read_hf_config
 from attnzoo.models._hf_families import (
     FAMILIES,
     FAMILY,
@@ -44,8 +48,12 @@ __all__ = [
     "family_of",
     "from_safetensors",
     "from_state_dict",
+    "from_pretrained",
     "from_transformers",
+    "hf_config",
     "marian_sinusoids",
+    "read_hf_config",
+    "save_pretrained",
     "to_transformers",
 ]
 
@@ -260,74 +268,103 @@ def from_safetensors(
     """A checkpoint on disk: a ``.safetensors`` file (give ``hf_config``) or a directory with
     ``config.json`` and ``model.safetensors`` or sharded ``model.safetensors.index.json``.
 
-    ``config.json`` is read with ``trust_remote_code=False``. Raises ``ValueError`` for a shard
-    path outside the directory and for the tensors ``from_state_dict`` refuses."""
-    # the flax reader keeps bfloat16 checkpoints loadable (numpy has no bfloat16)
-    from safetensors.flax import load_file  # noqa: PLC0415  (optional dependency)
-
+    ``hf_config`` is a transformers config or anything with its attributes; by default the
+    directory's ``config.json``, read as plain JSON (``_hf_configs.read_hf_config``: neither
+    torch nor transformers is imported, no code from the checkpoint is run). Raises
+    ``ValueError`` for a shard path outside the directory and for the tensors
+    ``from_state_dict`` refuses."""
     path = pathlib.Path(path)
     if path.is_dir():
         if hf_config is None:
-            import transformers  # noqa: PLC0415
-
-            hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-        index = path / "model.safetensors.index.json"
-        files = _shard_files(path, index) if index.exists() else [path / "model.safetensors"]
-    else:
-        if hf_config is None:
-            raise ValueError(
-                f"{path} is a single file: pass hf_config (e.g. "
-                "transformers.AutoConfig.from_pretrained(<dir>))"
-            )
-        files = [path]
-    state = {}
-    for f in files:
-        if not f.exists():
-            raise ValueError(f"checkpoint file {f} does not exist")
-        state.update(load_file(str(f)))
+            hf_config = read_hf_config(hf_files.load_config(path))
+    elif hf_config is None:
+        raise ValueError(
+            f"{path} is a single file: pass hf_config (e.g. "
+            "transformers.AutoConfig.from_pretrained(<dir>))"
+        )
     return from_state_dict(
         family or family_of(hf_config),
         hf_config,
-        state,
+        hf_files.load_tensors(path),
         scan_layers=scan_layers,
         allow_dtype_cast=allow_dtype_cast,
     )
 
 
-def _shard_files(directory: pathlib.Path, index: pathlib.Path) -> list[pathlib.Path]:
-    """The shard files an index names, each a relative path inside ``directory``.
+def from_pretrained(
+    path_or_name: str | pathlib.Path,
+    *,
+    revision: str | None = None,
+    scan_layers: bool = False,
+    allow_dtype_cast: bool = False,
+) -> tuple[Any, nnx.GraphDef, nnx.State]:
+    """A Hugging Face checkpoint -> (cfg, graphdef, params), without torch or transformers.
 
-    Checked on the names, not on resolved paths: the Hugging Face cache links a snapshot's
-    files to blobs elsewhere, which is fine; a name that climbs out ("../", absolute) is not.
+    ``path_or_name``: a directory (``config.json`` + ``model.safetensors`` or shards) or a Hub
+    name such as ``"gpt2"``, downloaded once into the Hugging Face cache (needs
+    ``huggingface_hub``; offline, ``HF_HUB_OFFLINE=1``, only the cache is used). See
+    ``hf_files.resolve`` for the errors, ``from_safetensors`` for the checks."""
+    directory = hf_files.resolve(path_or_name, revision=revision)
+    return from_safetensors(directory, scan_layers=scan_layers, allow_dtype_cast=allow_dtype_cast)
+
+
+def save_pretrained(
+    cfg: Any,
+    params: nnx.State,
+    directory: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    pad_token_id: int | None = 0,
+    bos_token_id: int | None = 1,
+    eos_token_id: int | None = 2,
+    decoder_start_token_id: int | None = None,
+) -> pathlib.Path:
+    """Writes ``config.json`` and ``model.safetensors`` that transformers loads
+    (``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM.from_pretrained(directory)``) as a
+    model computing the same logits; torch is not needed to write them.
+
+    The family is the one that expresses ``cfg`` exactly (``family`` to insist on one). The
+    token ids default to attnzoo's tokenizers' (pad 0, bos 1, eos 2); an encoder-decoder's
+    ``decoder_start_token_id`` defaults to ``bos_token_id`` (attnzoo's decoders start with
+    bos).
+
+    Returns:
+      the directory (created if needed; existing files of those names are replaced).
+
+    Raises:
+      ValueError: ``cfg`` has no Hugging Face equivalent (the message names each setting),
+        or its params hold what the checkpoint cannot (a trained Marian position table).
     """
-    weight_map = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} has no weight_map object")
-    files = set()
-    for key, name in weight_map.items():
-        rel = pathlib.PurePosixPath(name) if isinstance(name, str) else None
-        if (
-            rel is None
-            or not name
-            or rel.is_absolute()
-            or ".." in rel.parts
-            or "\\" in name
-            or pathlib.PureWindowsPath(name).drive
-        ):
-            raise ValueError(
-                f"{index}: weight_map puts {key!r} in {name!r}, outside {directory}; shard "
-                "files must be relative paths inside the checkpoint directory"
-            )
-        files.add(directory / rel)
-    return sorted(files)
+    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if isinstance(cfg, encoder_decoder.Config):
+        start = bos_token_id if decoder_start_token_id is None else decoder_start_token_id
+        ids.update(decoder_start_token_id=start, forced_eos_token_id=eos_token_id)
+    family, config = hf_config_dict(cfg, family=family, token_ids=ids)
+    state = to_transformers(cfg, params, family=family)
+    if family == "marian":  # Marian recomputes its sinusoids: a trained table has no place
+        for side in ("encoder", "decoder"):
+            table = state[f"model.{side}.embed_positions.weight"]
+            gap = float(np.abs(table - marian_sinusoids(*table.shape)).max())
+            if gap > 1e-5:
+                raise ValueError(
+                    f"{side}_position holds a learned table (up to {gap:.3g} from Marian's "
+                    "fixed sinusoids, which transformers recomputes): no marian checkpoint "
+                    "can hold it"
+                )
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_files.save_tensors(state, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
 
 
 def to_transformers(
     cfg: Any, params: nnx.State, *, family: str | None = None
 ) -> dict[str, np.ndarray]:
     """Our params -> a Hugging Face ``state_dict`` of numpy arrays (``torch.from_numpy`` each
-    and ``load_state_dict``). ``family`` is inferred from ``cfg`` when not given."""
-    family = family or _infer_family(cfg)
+    and ``load_state_dict``). ``family`` is by default the one that expresses ``cfg`` exactly
+    (``hf_config``)."""
+    family = family or hf_config_dict(cfg)[0]
     _, rules, module = _family(family)
     if cfg.scan_layers:
         cfg, _, params = module.relayout(cfg, params, scan_layers=False)
@@ -339,21 +376,22 @@ def to_transformers(
             node = node[p]
         return np.asarray(node)
 
-    return {r.hf_key: np.array(r.to_hf(*(get(p) for p in r.paths))) for r in rules(cfg)}
-
-
-def _infer_family(cfg: Any) -> str:
-    kind, norm = cfg.position.kind, cfg.norm
-    if isinstance(cfg, encoder_decoder.Config):
-        family = {"learned": "marian", "t5": "t5"}.get(kind)
-    elif kind == "learned" and norm == "layernorm" and cfg.tie_embeddings:
-        family = "gpt2"
-    elif kind == "rope" and norm == "rmsnorm" and cfg.gated_mlp:
-        family = "llama"
-    else:
-        family = None
-    if family is None:
+    rule_list = list(rules(cfg))
+    covered = {p for r in rule_list for p in r.paths}
+    dropped = [p for p in traverse_util.flatten_dict(pure) if p not in covered]
+    if dropped:
         raise ValueError(
-            f"cannot tell the Hugging Face family of this config; pass family= one of {FAMILIES}"
+            f"param {'/'.join(map(str, dropped[0]))} has no place in a {family} checkpoint"
+            f"{f' (and {len(dropped) - 1} more)' if len(dropped) > 1 else ''}: this config is "
+            f"not a {family} model"
         )
-    return family
+    return {r.hf_key: np.array(r.to_hf(*(get(p) for p in r.paths))) for r in rule_list}
+
+
+def hf_config(cfg: Any, *, family: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(family, ``config.json`` dict) of an attnzoo config (``_hf_configs.hf_config_dict``).
+
+    Raises:
+      ValueError: no Hugging Face family computes what ``cfg`` does; the message names each
+        setting without an equivalent (e.g. ``position.kind='sinusoidal'``)."""
+    return hf_config_dict(cfg, family=family)

@@ -20,10 +20,12 @@ from flax import nnx, struct
 
 from attnzoo.models import masks
 from attnzoo.models._stack import relayout_layers, take_layers
+from attnzoo.models.activation_sharding import constrain
 from attnzoo.models.blocks import validate_config
 from attnzoo.models.layers import Dense, Embed, LinearHead
 from attnzoo.models.mha import EMPTY_POSITION, KVCache, grow_slots, write_positions
 from attnzoo.models.positional import Encoding, PositionConfig, make_encoding
+from attnzoo.models.remat import effective_policy
 
 _M = TypeVar("_M")
 
@@ -60,8 +62,12 @@ class ModelConfig:
         scale (None = 1/sqrt(head_dim)); ``dot_product_attention`` implementation.
       position: the positional encoding (``PositionConfig``).
       dtype, param_dtype: compute and parameter dtypes by name.
-      remat, remat_policy, scan_layers: ``jax.checkpoint`` each block with a named policy;
-        stack blocks on a leading ``"layers"`` axis and ``lax.scan`` over them.
+      remat_policy, remat: what each block keeps for the backward pass (``"none"``: all, no
+        remat; ``"full"``, ``"dots_saveable"``, ``"dots_with_no_batch_dims_saveable"``,
+        ``"offload"``: ``attnzoo.models.remat``). ``remat=True`` is the older switch: with
+        ``remat_policy="none"`` it means ``"dots_with_no_batch_dims_saveable"``.
+        ``effective_remat_policy`` is what runs.
+      scan_layers: stack blocks on a leading ``"layers"`` axis and ``lax.scan`` over them.
     """
 
     vocab_size: int = 32000
@@ -91,7 +97,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
-    remat_policy: str = "dots_with_no_batch_dims_saveable"
+    remat_policy: str = "none"
     scan_layers: bool = False
 
     # Per family: each block stack's top-level state key -> the field holding its depth, and
@@ -122,6 +128,12 @@ class ModelConfig:
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         """The family's NNX module for this config."""
         raise NotImplementedError(f"{type(self).__name__} must define build()")
+
+    @property
+    def effective_remat_policy(self) -> str:
+        """The remat policy that runs: ``remat_policy``, or for the legacy ``remat=True`` with
+        ``remat_policy="none"``, ``"dots_with_no_batch_dims_saveable"``; ``"none"`` = off."""
+        return effective_policy(self.remat, self.remat_policy)
 
     @property
     def head_size(self) -> int:
@@ -348,12 +360,17 @@ def stack_inputs(
     if cfg.embed_scale:  # section 3.4: embeddings multiplied by sqrt(d_model)
         x = x * jnp.sqrt(jnp.asarray(cfg.d_model, dtype))
     x = dropout(encoding.embed(x, positions), deterministic=rngs is None, rngs=rngs)
+    x = constrain(x, ("batch", "length", "embed"))  # no-op without a sharding scope
     if cache is None:
         mask = masks.MaskSpec(
             q_positions=positions,
             k_positions=positions,
             q_segment_ids=segment_ids,
             k_segment_ids=segment_ids,
+            # without a cache, positions count up by one along each row or packed segment
+            # (the data pipeline's and positions_from_segments'), so the attention kernels
+            # may compute causal / sliding-window masks from indices (MaskSpec docs)
+            positions_are_indices=True,
         )
         return x, mask, encoding.attention_bias(positions, positions), None
     k_positions = write_positions(cache.positions, positions, cache.index)  # (B, S_max)

@@ -14,7 +14,8 @@ leaf carries logical axis names (``nnx.get_partition_spec(params)``).
 
 ``scan_layers=True`` stores the blocks' params with a leading ``"layers"`` axis and runs them with
 ``jax.lax.scan`` (compile time independent of depth); ``relayout`` converts weights between the
-two layouts. ``remat=True`` wraps each block in ``jax.checkpoint`` with ``remat_policy``.
+two layouts. ``remat_policy`` (``"full"``, ``"dots_saveable"``, ... ``attnzoo.models.remat``)
+wraps each block in ``jax.checkpoint``.
 """
 
 from __future__ import annotations

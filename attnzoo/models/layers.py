@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnzoo import ops
+from attnzoo.models.activation_sharding import constrain
 
 Initializer = Callable[..., jax.Array]
 
@@ -126,7 +127,12 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
         """tokens: [B, T] int -> [B, T, D]."""
-        return jnp.take(self.embedding[...].astype(dtype), tokens, axis=0)
+        # Under a sharding scope the table is gathered whole along the model width first (as
+        # FSDP gathers any weight), so the lookup splits rows like the batch; a vocabulary
+        # split stays (masked local lookups, summed). Left alone, XLA splits the lookup's
+        # output along the width and then has to replicate it to reach the batch layout.
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table.astype(dtype), tokens, axis=0)
 
 
 @struct.dataclass
@@ -254,5 +260,6 @@ class MLP(nnx.Module):
     ) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         h = act(self.wg(x)) * self.wi(x) if self.wg is not None else act(self.wi(x))
+        h = constrain(h, ("batch", "length", "mlp"))  # no-op without a mesh
         h = self.dropout(h, deterministic=deterministic, rngs=rngs)
         return self.wo(h)

@@ -135,10 +135,18 @@ class MaskSpec:
         segment, never id 0 (``segment``). Alone: keys with id 0 are padding and masked, every
         other key is visible (key padding, e.g. cross-attention over a padded source).
       dense: bool broadcastable to [B, N, T, S], ``True`` = may attend (e.g. ``padding``).
+      positions_are_indices: a promise that queries and keys share ``q_positions`` and they
+        count up by one along each row or contiguous packed segment (what
+        ``positions_from_segments`` builds; ``core.stack_inputs`` promises it for every stack
+        run without a cache, the models' documented positions), so ``causal`` and
+        ``sliding_window`` equal their index form (key index <= query index). The cuDNN and
+        splash kernels compute only that form; without the promise they refuse masks over
+        explicit positions. Static.
     """
 
     causal: bool = struct.field(pytree_node=False, default=False)
     sliding_window: int | None = struct.field(pytree_node=False, default=None)
+    positions_are_indices: bool = struct.field(pytree_node=False, default=False)
     q_positions: jax.Array | None = None
     k_positions: jax.Array | None = None
     q_segment_ids: jax.Array | None = None

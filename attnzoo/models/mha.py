@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from attnzoo.models.activation_sharding import constrain
 from attnzoo.models.attention import dot_product_attention
 from attnzoo.models.layers import Dense, Norm, dense_many
 from attnzoo.models.masks import MaskSpec
@@ -216,6 +217,10 @@ class MultiHeadAttention(nnx.Module):
             q, k, v = self._project_self(x)
         if self.q_norm is not None:
             q = self.q_norm(q)
+        # heads split over "tensor" (when the rules say so), batch over the data axes
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         rel_k = rel_v = None
         if is_self:
             q_positions = spec.q_positions
@@ -261,4 +266,5 @@ class MultiHeadAttention(nnx.Module):
             dropout_rng=dropout_rng,
             implementation=self.implementation,
         )
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return self.o(out), cache

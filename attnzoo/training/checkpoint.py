@@ -20,6 +20,10 @@ line that names it (``ConfigMismatch``), instead of surfacing as unreadable chec
 A failed (async) save is raised as ``SaveError`` (one line: step, directory, cause, last good
 step) by ``poll``, cheap enough to call every step, or at the latest by the next ``save`` or
 ``wait``.
+
+Workdirs are ``etils.epath`` paths (``workdir_path``): ``gs://bucket/run`` and other remote
+URLs reach orbax unchanged. The free-space check needs a local file system and is skipped for
+remote ones; moving an unreadable step aside is an ``epath`` rename, which works on both.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
@@ -144,10 +149,11 @@ def _show(v: Any) -> str:
 
 
 def _model_fields(config: dict) -> dict[str, Any] | None:
-    """The model Config's fields that ``config`` makes (JSON-plain), or None if it can't."""
+    """The model Config's fields that ``config`` makes (JSON-plain; nested dataclasses as
+    dotted paths, ``position.kind``, as ``model_overrides`` names them), or None if it can't."""
     try:
         cfg = tasks.model_config(ml_collections.ConfigDict(config), 1)
-        return _plain(dataclasses.asdict(cfg))
+        return _flat(_plain(dataclasses.asdict(cfg)))
     except Exception:  # an old or foreign config: compare model_overrides key by key instead
         return None
 
@@ -285,6 +291,20 @@ def _abandoned_io_hook(previous: Callable[[Any], Any]) -> Callable[[Any], None]:
     return hook
 
 
+def workdir_path(workdir: str | os.PathLike[str]) -> epath.Path:
+    """``workdir`` as an ``epath.Path``: a URL (``gs://bucket/run``, ``s3://...``) unchanged, a
+    local path made absolute. Never creates anything."""
+    text = os.fspath(workdir)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(pathlib.Path(text).absolute())
+
+
+def is_local(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is on a local file system (no ``scheme://`` prefix)."""
+    return "://" not in os.fspath(path)
+
+
 def _utc_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
@@ -299,13 +319,13 @@ class Checkpoints:
 
     def __init__(
         self,
-        workdir: str | pathlib.Path,
+        workdir: str | os.PathLike[str],
         *,
         keep: int = 3,
         async_save: bool = True,
         read_only: bool = False,
     ):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = workdir_path(workdir) / "checkpoints"
         self.read_only = read_only
         self._pending: int | None = None  # the step of the last save not yet known to be done
         self._last_step = -1  # the step of the last save started
@@ -393,10 +413,10 @@ class Checkpoints:
         size of the latest checkpoint (local file systems, one process; skipped otherwise).
         """
         steps = self.steps()
-        if not steps or jax.process_count() > 1:
+        if not steps or jax.process_count() > 1 or not is_local(self.directory):
             return
         try:
-            latest = self.directory / str(steps[-1])
+            latest = pathlib.Path(self.directory / str(steps[-1]))  # local, checked above
             need = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
             free = shutil.disk_usage(self.directory).free
         except (OSError, NotImplementedError):
@@ -483,7 +503,13 @@ class Checkpoints:
             return f"{item_dir} (missing)"
         if (item_dir / "manifest.ocdbt").exists() and not (item_dir / "_METADATA").exists():
             return f"{item_dir / '_METADATA'} (missing)"  # an array item's tree structure
-        files = [f for f in item_dir.rglob("*") if f.is_file() and f.name != "commit_success.txt"]
+        if not is_local(item_dir):  # a recursive listing of a bucket: too many requests
+            return str(item_dir)
+        files = [
+            f
+            for f in pathlib.Path(item_dir).rglob("*")
+            if f.is_file() and f.name != "commit_success.txt"
+        ]
         return str(files[0] if len(files) == 1 else item_dir)
 
     def _restore_items(self, step: int, **args: Any) -> dict[str, Any]:
@@ -519,7 +545,7 @@ class Checkpoints:
                 src = self.directory / str(s)
                 dst = src.with_name(f"{s}{CORRUPT_MARK}{stamp}")
                 try:
-                    os.rename(src, dst)
+                    src.rename(dst)  # epath: local or remote
                     moved.append(f"moved aside to {dst}")
                 except OSError as e:
                     moved.append(f"could not move it aside ({_one_line(e)})")
@@ -724,7 +750,7 @@ def abstract_params(task: str, model_cfg: Any, sharding: Any = None) -> tuple[An
     return graphdef, shapes
 
 
-def load_for_inference(workdir: str, step: int | None = None) -> Restored:
+def load_for_inference(workdir: str | os.PathLike[str], step: int | None = None) -> Restored:
     """The model trained in ``workdir`` at ``step`` (default: the latest readable checkpoint).
 
     Without ``step``, an unreadable latest checkpoint is reported (one warning line, as a

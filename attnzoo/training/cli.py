@@ -22,17 +22,30 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from attnzoo import backends
-from attnzoo.training import loop, schema, tasks
+from attnzoo.training import loop, overrides, schema, tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment: attnzoo:NAME (a shipped one) or a get_config() file path"
+    "config",
+    None,
+    "required: the experiment, attnzoo:NAME (a shipped one, e.g. attnzoo:lm_tiny) or the path "
+    "of a get_config() file. Override any key with --config.KEY=VALUE (e.g. --config.steps=2000) "
+    "and any model Config field with --config.model_overrides.FIELD=VALUE (e.g. "
+    "--config.model_overrides.position.kind=rope)",
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "required: where checkpoints, metrics.jsonl and summary.json go"
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "multi-process: HOST:PORT of process 0's coordinator"
+    "coordinator_address",
+    None,
+    "multi-process: HOST:PORT of process 0's coordinator (default: unset, one process)",
 )
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: process count")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "multi-process: process count (default: unset, one process)"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "multi-process: this process's index (default: unset, one process)"
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() with auto-detection"
 )
@@ -116,8 +129,12 @@ def _resolve_config(argv: list[str]) -> list[str]:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse of ``argv``, after resolving ``--config attnzoo:NAME`` and checking every
+    ``--config.model_overrides.<field>=<value>`` against the model Configs
+    (``overrides.check_flags``); a bad flag exits with one ``attnzoo-train: error:`` line."""
     try:
         argv = _resolve_config(argv)
+        overrides.check_flags(argv, schema.MODEL_CONFIGS.values())
     except ValueError as e:
         sys.exit(f"attnzoo-train: error: {e}")
     try:
@@ -128,9 +145,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"attnzoo-train: error: bad --config override: {message}")
 
 
+def _adopt_key_flags() -> None:
+    """Makes this module's flags key flags of the main module, which is what ``--help``
+    lists: run as the ``attnzoo-train`` script, the main module is that script, not this one."""
+    fv = flags.FLAGS
+    for flag in fv.get_key_flags_for_module(sys.modules[__name__]):
+        fv.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def train_main() -> None:
     """Console-script entry point (``attnzoo-train``)."""
     flags.mark_flag_as_required("config")
+    _adopt_key_flags()
     app.run(_main, flags_parser=_parse_flags)
 
 

@@ -15,6 +15,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from attnzoo.backends import memory
 from attnzoo.training import checkpoint, optim, schema, sharding, steps, tasks
 from attnzoo.training import rules as sharding_rules
 from attnzoo.training.mesh import make_mesh
@@ -67,6 +68,10 @@ def build(config: schema.Config, *, vocab_size: int, mesh: Mesh | None = None) -
     rules = sharding_rules.get(config.sharding)
     check_batch(config, mesh, rules)
     model_cfg = tasks.model_config(config, vocab_size)
+    remat_policy = memory.training_remat_policy(model_cfg.effective_remat_policy)
+    if remat_policy != model_cfg.effective_remat_policy:  # "offload" with no host memory
+        model_cfg = model_cfg.replace(remat_policy=remat_policy)
+    sharding.check_model_axes(model_cfg, mesh, rules)
     module = tasks.model_module(config.task)
     tx, schedule = optim.make_optimizer(config, d_model=model_cfg.d_model)
     graphdef, _ = checkpoint.abstract_params(config.task, model_cfg)
@@ -92,8 +97,12 @@ def build(config: schema.Config, *, vocab_size: int, mesh: Mesh | None = None) -
         z_loss=config.z_loss,
         fused_loss=config.get("fused_loss", True),
         grad_accum_steps=config.grad_accum_steps,
+        mesh=mesh,  # activations follow the rules too (steps.activation_sharding)
+        rules=rules,
     )
-    eval_step = functools.partial(steps.eval_step, graphdef=graphdef, task=config.task)
+    eval_step = functools.partial(
+        steps.eval_step, graphdef=graphdef, task=config.task, mesh=mesh, rules=rules
+    )
     return Experiment(
         mesh=mesh,
         rules=rules,
@@ -110,6 +119,8 @@ def build(config: schema.Config, *, vocab_size: int, mesh: Mesh | None = None) -
             in_shardings=(state_sharding, batch_sharding, None),
             out_shardings=(state_sharding, None),
             donate_argnums=0,
+            # XLA:CPU's memory-optimising scheduler when remat is on (else it saves nothing)
+            compiler_options=memory.remat_compiler_options(remat_policy),
         ),
         eval_step=jax.jit(eval_step, in_shardings=(state_sharding.params, batch_sharding)),
     )

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -32,7 +32,17 @@ from jax.sharding import NamedSharding
 import attnzoo.data
 from attnzoo import evaluation
 from attnzoo.data import locking
-from attnzoo.training import checkpoint, experiment, input_pipeline, schema, sharding, steps
+from attnzoo.training import (
+    averaging,
+    checkpoint,
+    experiment,
+    init_from,
+    input_pipeline,
+    progress,
+    schema,
+    sharding,
+    steps,
+)
 
 
 class TrainingError(RuntimeError):
@@ -65,12 +75,42 @@ def validate_config(config: schema.Config) -> None:
     schema.validate(config)
 
 
-class _Logger:
-    """metrics.jsonl + TensorBoard event files, written by process 0 only."""
+class _RewrittenFile:
+    """An append-only text file on a store that cannot append (``gs://``): each ``flush``
+    rewrites it whole, with what it held when opened first."""
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool):
+    def __init__(self, path: epath.Path):
+        self.path, self.name = path, str(path)
+        self.text = path.read_text() if path.exists() else ""
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        self.path.write_text(self.text)
+
+    def close(self) -> None:
+        pass
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard event files, written by process 0 only.
+
+    In a remote workdir (``gs://...``) metrics.jsonl is rewritten whole at each write (object
+    stores cannot append; the file is small) and no TensorBoard events are written (logged).
+    """
+
+    def __init__(self, workdir: epath.Path, enabled: bool):
         self.enabled = enabled
-        if enabled:
+        self.tb: Any = None
+        if enabled and not checkpoint.is_local(workdir):
+            logging.info(
+                "workdir %s is remote: metrics.jsonl is rewritten at each log and TensorBoard "
+                "events are not written (train in a local workdir for them)",
+                workdir,
+            )
+            self.jsonl: Any = _RewrittenFile(workdir / "metrics.jsonl")
+        elif enabled:
             from tensorboardX import SummaryWriter  # noqa: PLC0415  (heavy, process 0 only)
 
             self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
@@ -90,7 +130,8 @@ class _Logger:
                 "the same command to resume"
             ) from e
         for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.enabled:
@@ -98,7 +139,8 @@ class _Logger:
             with contextlib.suppress(OSError):
                 self.jsonl.close()
             try:
-                self.tb.close()
+                if self.tb is not None:
+                    self.tb.close()
             except OSError as e:  # a full disk: the checkpoints and metrics.jsonl matter more
                 logging.warning("TensorBoard events not written (%s: %s)", type(e).__name__, e)
                 # tensorboardX would retry the flush at exit and print the error again
@@ -209,9 +251,50 @@ def evaluate_bleu(
         tokenizer,
         pairs[: config.bleu_sentences],
         max_len=config.seq_len,
-        max_src_len=config.seq_len,
+        max_src_len=config.get("eval_source_len") or config.seq_len,
+        max_len_offset=config.get("eval_max_len_offset"),
     )
     return bleu.score
+
+
+def evaluate_average(
+    config: schema.Config,
+    ckpt: checkpoint.Checkpoints,
+    *,
+    exp: experiment.Experiment,
+    tokenizer: attnzoo.data.Tokenizer,
+) -> dict[str, float]:
+    """The eval metrics of the mean params of the last ``config.average_last`` checkpoints.
+
+    Keys are ``avg_eval_loss``, ``avg_eval_perplexity``, ``avg_eval_accuracy`` (``evaluate``),
+    ``avg_eval_bleu`` (MT with ``bleu_sentences``, one process) and ``avg_checkpoints`` (how
+    many were averaged: fewer than asked when the run saved fewer, which is logged). Every
+    process must call this (restoring and evaluating are collective).
+    """
+    saved = ckpt.steps()
+    n = min(config.average_last, len(saved))
+    if n < config.average_last:
+        logging.warning(
+            "config.average_last=%d but the run has %d checkpoints: averaging those",
+            config.average_last,
+            n,
+        )
+    steps_used, params = averaging.average_checkpoints(ckpt, exp.abstract_state.params, n)
+    logging.info("averaged the params of checkpoints %s", steps_used)
+    metrics = evaluate(
+        config,
+        params,
+        eval_fn=exp.eval_step,
+        tokenizer=tokenizer,
+        batch_sharding=exp.batch_sharding,
+    )
+    if config.task == "mt" and config.bleu_sentences and jax.process_count() == 1:
+        metrics["eval_bleu"] = evaluate_bleu(
+            config, params, graphdef=exp.graphdef, model_cfg=exp.model_cfg, tokenizer=tokenizer
+        )
+    out = {f"avg_{k}": v for k, v in metrics.items()}
+    out["avg_checkpoints"] = float(n)
+    return out
 
 
 def _broadcast_text(text: str, size: int = 1024) -> str:
@@ -223,13 +306,23 @@ def _broadcast_text(text: str, size: int = 1024) -> str:
     return bytes(out).rstrip(b"\0").decode(errors="replace")
 
 
-def lock_workdir(workdir: str | pathlib.Path) -> IO[str] | None:
+def lock_workdir(workdir: str | os.PathLike[str]) -> IO[str] | None:
     """Takes ``workdir/.lock`` for this run (process 0 holds it; all processes agree).
 
     Returns the lock file on process 0 (close it to release; the kernel releases it when the
     process dies, ``kill -9`` included), ``None`` on the others. Raises ``WorkdirInUse`` on
     every process, naming the holder, when another run has it.
+
+    A remote workdir (``gs://...``) has no ``flock``: it is not locked (logged), and ``None``
+    is returned; keeping one run per remote workdir is then up to the user.
     """
+    if not checkpoint.is_local(workdir):
+        logging.info(
+            "workdir %s is remote: it cannot be locked against a second run writing to it; "
+            "start one run per workdir",
+            workdir,
+        )
+        return None
     path = pathlib.Path(workdir).absolute()
     handle, message = None, ""
     if jax.process_index() == 0:
@@ -262,7 +355,7 @@ def train(config: schema.Config, workdir: str) -> dict[str, Any]:
     step with a ``TrainingError`` that names the step; the last good checkpoint is kept.
     """
     validate_config(config)
-    workdir_path = pathlib.Path(workdir).absolute()
+    workdir_path = checkpoint.workdir_path(workdir)  # epath: gs://... stays a URL
     lock = lock_workdir(workdir)
     try:
         if (workdir_path / "checkpoints").is_dir():
@@ -279,7 +372,7 @@ def train(config: schema.Config, workdir: str) -> dict[str, Any]:
             lock.close()
 
 
-def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
+def _train(config: schema.Config, workdir_path: epath.Path) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     if is_main:
         workdir_path.mkdir(parents=True, exist_ok=True)
@@ -297,16 +390,16 @@ def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
     )
     exp = experiment.build(config, vocab_size=tokenizer.vocab_size)
 
-    ckpt = checkpoint.Checkpoints(
-        workdir_path, keep=config.keep_checkpoints, async_save=config.async_checkpoints
-    )
+    # checkpoint averaging needs the last average_last checkpoints kept
+    keep = max(config.keep_checkpoints, config.get("average_last", 0))
+    ckpt = checkpoint.Checkpoints(workdir_path, keep=keep, async_save=config.async_checkpoints)
     try:
         if ckpt.steps():
             state, data_state = ckpt.restore(exp.abstract_state, config=config, move_aside=True)
             train_iter.set_state(data_state)
             logging.info("resumed from step %d", int(state.step))
-        else:
-            state = exp.init_state()
+        else:  # a new run: config.init_from's params, if set (a resume ignores it)
+            state = init_from.initial_state(config, exp)
     except BaseException:
         ckpt.close()
         raise
@@ -314,9 +407,8 @@ def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
     logger = _Logger(workdir_path, enabled=is_main)
     preemption = _Preemption()
     start = int(jax.device_get(state.step))
-    bar = tqdm.tqdm(
-        total=config.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train"
-    )
+    # a bar on a terminal, else a plain line every log_every steps (stderr; stdout is the summary)
+    bar = progress.Progress(config.steps, start, enabled=is_main)
     summary: dict[str, Any] = {"start_step": start, "status": "completed"}
     eval_metrics: dict[str, float] | None = None
     t_start = t_last = time.perf_counter()
@@ -349,10 +441,11 @@ def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
             m["learning_rate"] = float(np.asarray(exp.schedule(step - 1)))
             m["tokens_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0.0
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                lr=f"{m['learning_rate']:.2e}",
-                tok_s=f"{m['tokens_per_s']:.0f}",
+            bar.log(
+                step,
+                loss=m["loss"],
+                learning_rate=m["learning_rate"],
+                tokens_per_s=m["tokens_per_s"],
             )
             logger.write(step, {f"train_{k}": v for k, v in m.items()})
             summary["train_loss"] = m["loss"]
@@ -395,9 +488,8 @@ def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
                         tokenizer=tokenizer,
                     )
                 logger.write(step, eval_metrics)
-                if is_main:
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-                    bar.write(f"step {step}: {shown}")
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                bar.write(f"step {step}: {shown}")  # stderr, on process 0
                 summary.update(eval_metrics)
             if save_due:
                 ckpt.save(
@@ -412,6 +504,12 @@ def _train(config: schema.Config, workdir_path: pathlib.Path) -> dict[str, Any]:
                 break
         if pending is not None:
             report(*pending)
+        if config.get("average_last", 0) and summary["status"] == "completed":
+            ckpt.wait()
+            averaged = evaluate_average(config, ckpt, exp=exp, tokenizer=tokenizer)
+            logger.write(step, averaged)
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in averaged.items()))
+            summary.update(averaged)
         ckpt.close()  # the last save is on disk (or its failure reported) before "completed"
         summary.update(step=step, seconds=time.perf_counter() - t_start)
     except checkpoint.SaveError as e:

@@ -3,8 +3,12 @@
 Parameters carry logical names (``attnzoo.models.layers.param``); the mesh has the axes
 ``("data", "fsdp", "tensor")``. A table says, for each logical name, which mesh axis (or tuple
 of axes) shards that dimension; ``None`` replicates it. ``"batch"`` is the batch dimension of
-inputs and activations. Changing strategy is choosing another table (``config.sharding``) and a
-mesh shape (``config.mesh``), nothing else: ``get(config.sharding)`` is the table training uses.
+inputs and activations, ``"length"`` their sequence dimension; activations otherwise reuse the
+parameter names (``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``;
+``attnzoo.models.activation_sharding``). A mesh axis shards one dimension of an array, so under
+FSDP an activation's ``embed`` stays whole: ``batch`` already holds ``fsdp``. Changing strategy
+is choosing another table (``config.sharding``) and a mesh shape (``config.mesh``), nothing
+else: ``get(config.sharding)`` is the table training uses.
 
 A dimension whose size a mesh axis does not divide (e.g. a 259-entry byte vocabulary on 8
 devices) is replicated instead; ``attnzoo.training.sharding`` reports it.
@@ -22,6 +26,7 @@ _BATCH = ("data", "fsdp")
 
 DP: Rules = {
     "batch": _BATCH,
+    "length": None,
     "vocab": None,
     "embed": None,
     "mlp": None,
@@ -48,11 +53,21 @@ FSDP_TP: Rules = {
     "vocab": "tensor",
 }
 
-RULES: dict[str, Rules] = {"dp": DP, "fsdp": FSDP, "fsdp_tp": FSDP_TP}
+# Tensor parallelism alone (Megatron): weights whole along the model width, heads, MLP hidden
+# units and the vocabulary split over "tensor"; a "data" axis, if the mesh has one, adds DP.
+TP: Rules = {
+    **DP,
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+}
+
+RULES: dict[str, Rules] = {"dp": DP, "fsdp": FSDP, "fsdp_tp": FSDP_TP, "tp": TP}
 
 
 def get(name: str) -> Rules:
-    """The rules table for strategy ``name`` (``"dp"``, ``"fsdp"`` or ``"fsdp_tp"``)."""
+    """The rules table for strategy ``name`` (``"dp"``, ``"fsdp"``, ``"fsdp_tp"`` or ``"tp"``)."""
     if name not in RULES:
         raise ValueError(
             f"unknown sharding strategy {name!r}; set config.sharding to one of {sorted(RULES)}"

@@ -32,7 +32,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from attnzoo.models import attention
+from attnzoo.models import attention, decoder_lm, encoder_decoder
+from attnzoo.training import overrides
 
 # An experiment config: the ml_collections.ConfigDict of get_config(), with an experiment's values.
 # Annotations say ``schema.Config`` for it; it is ``Any`` to type checkers because ConfigDict's
@@ -41,6 +42,8 @@ Config = Any
 
 # The values of ``config.task`` (``attnzoo.training.tasks.TASKS`` maps each to its model module).
 TASKS = ("lm", "mt")
+# Each task's model Config (``tasks.model_module(task).Config``); model_overrides has their fields.
+MODEL_CONFIGS: dict[str, type] = {"lm": decoder_lm.Config, "mt": encoder_decoder.Config}
 PREFIX = "attnzoo:"  # --config attnzoo:NAME names a shipped experiment file
 _SHARE = ("share", "attnzoo", "configs")  # where the wheel installs them, under the prefix
 
@@ -59,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = "tiny"  # a preset name of the task's model module (Config.preset)
     c.model_overrides = model_overrides()
+    # step-0 params from a run's workdir, a Hugging Face directory or a .safetensors file
+    # (attnzoo.training.init_from); the optimizer starts fresh; ignored when resuming
+    c.init_from = ml_collections.FieldReference(None, field_type=str)
 
     c.steps = 1000
     c.batch_size = 32  # global, across all processes and devices
@@ -87,32 +93,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.eval_batches = 8
     c.bleu_sentences = 0  # MT: sentences of the eval split translated for BLEU (0: skip)
+    # MT beam search: source tokens kept (None: seq_len) and the paper's output limit, source
+    # length + N (None: seq_len tokens); attnzoo-eval/-translate read them as their defaults
+    c.eval_source_len = ml_collections.FieldReference(None, field_type=int)
+    c.eval_max_len_offset = ml_collections.FieldReference(None, field_type=int)
+    # at the end of training, evaluate the mean params of the last N checkpoints (0: off);
+    # keep_checkpoints is raised to N (attnzoo.training.averaging)
+    c.average_last = 0
     c.checkpoint_every = 200
     c.keep_checkpoints = 3  # latest N are kept, plus the best by eval loss
     c.async_checkpoints = True
     c.log_every = 10
     return c
-
-
-# Model Config fields that can be overridden from the command line even when the experiment file
-# does not set them (``--config.model_overrides.dtype=bfloat16``): ml_collections only accepts
-# overrides of existing keys. ``None`` means "the preset's value". Experiment files may add any
-# other field of the model's Config.
-_OVERRIDABLE = {
-    int: (
-        "d_model",
-        "n_layers",
-        "n_encoder_layers",
-        "n_decoder_layers",
-        "n_heads",
-        "n_kv_heads",
-        "head_dim",
-        "d_ff",
-    ),
-    float: ("dropout", "attention_dropout", "activation_dropout"),
-    str: ("dtype", "activation", "norm"),
-    bool: ("remat", "embed_scale", "use_bias", "tie_embeddings"),
-}
 
 
 def text_keys(config: Config) -> tuple[str, ...] | None:
@@ -122,14 +114,12 @@ def text_keys(config: Config) -> tuple[str, ...] | None:
 
 
 def model_overrides() -> ml_collections.ConfigDict:
-    """``config.model_overrides``: common model Config fields, ``None`` (the preset's value)."""
-    return ml_collections.ConfigDict(
-        {
-            name: ml_collections.FieldReference(None, field_type=kind)
-            for kind, names in _OVERRIDABLE.items()
-            for name in names
-        }
-    )
+    """``config.model_overrides``: every field of every task's model Config (nested
+    dataclasses such as ``position`` as nested ConfigDicts), each a typed ``None`` (the preset's
+    value), so ``--config.model_overrides.<field>=<value>`` works for any of them
+    (``attnzoo.training.overrides``). Which fields a task accepts is checked when its model
+    Config is built (``tasks.model_config``)."""
+    return overrides.template(MODEL_CONFIGS.values())
 
 
 def experiments_dir() -> pathlib.Path | None:
@@ -251,6 +241,12 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"unknown config.task {task!r}: set --config.task to one of {', '.join(TASKS)}"
         )
+    average = config.get("average_last", 0)
+    if isinstance(average, bool) or not isinstance(average, int) or average < 0:
+        raise ValueError(
+            f"config.average_last must be an integer >= 0 (checkpoints averaged at the end; 0: "
+            f"off), got {average!r}: set --config.average_last=N"
+        )
 
 
 def gib(n: float) -> str:
@@ -309,12 +305,13 @@ def _param_estimate(model_cfg: Any) -> int:
 
 def _materialises_scores(model_cfg: Any, length: int) -> bool:
     """Whether attention over ``length`` keys builds [B, N, T, S] scores (einsum or XLA's
-    ``jax.nn.dot_product_attention``) rather than blocks (blockwise, cuDNN flash)."""
+    ``jax.nn.dot_product_attention``) rather than blocks (blockwise, splash, cuDNN flash)."""
     impl = model_cfg.attention_impl or attention.default_implementation(length)
-    if impl == "blockwise":
+    if impl in ("blockwise", "splash"):
         return False
+    # the cuDNN default falls back to XLA's path for float32
     half = model_cfg.dtype in ("bfloat16", "float16")
-    return not (impl == "jax" and half and jax.default_backend() in ("gpu", "cuda", "rocm"))
+    return not (impl == "cudnn" and half)
 
 
 def estimate_train_memory(config: Config, model_cfg: Any) -> dict[str, int]:
@@ -327,7 +324,8 @@ def estimate_train_memory(config: Config, model_cfg: Any) -> dict[str, int]:
       after the nonlinearity, ``7 d_model + 2 kv_heads head_size + 2 d_ff`` (``3 d_ff``
       gated; ``2 d_model + 2 kv_heads head_size`` more for cross-attention), in the compute
       ``dtype``, for ``batch_size / grad_accum_steps`` sequences of ``seq_len`` tokens. With
-      ``remat``, each block's input and one block's working set.
+      remat (any ``remat_policy`` but ``"none"``), each block's input and one block's working
+      set.
     * ``attention``: one layer's float32 attention probabilities [B, N, T, T] when the
       attention path builds them (einsum / XLA; not blockwise or flash attention).
     * ``logits``: the float32 [B, T, V] logits unless ``fused_loss``.
@@ -347,7 +345,7 @@ def estimate_train_memory(config: Config, model_cfg: Any) -> dict[str, int]:
     for stack, depth_field in model_cfg.STACKS.items():
         cross = 2 * d + 2 * kv if stack == "decoder_blocks" else 0
         per_block += [block + cross] * getattr(model_cfg, depth_field)
-    if model_cfg.remat:
+    if model_cfg.effective_remat_policy != "none":
         saved = len(per_block) * d + max(per_block)
     else:
         saved = sum(per_block)

@@ -62,6 +62,37 @@ def logical_to_mesh(
     return PartitionSpec(*spec)
 
 
+# Model dimensions that tensor parallelism must split evenly: replicating one of them instead
+# (what ``logical_to_mesh`` does for e.g. an odd vocabulary) would silently undo the strategy.
+_SPLIT_DIMENSIONS = (("heads", "n_heads"), ("kv_heads", "kv_heads"), ("mlp", "d_ff"))
+
+
+def check_model_axes(model_cfg: Any, mesh: Mesh, rules: Rules) -> None:
+    """Fails before anything is compiled when a mesh axis the rules shard a model dimension
+    over does not divide it (e.g. ``mesh.tensor=8`` with ``n_kv_heads=2``).
+
+    Checked: query heads (``n_heads``), key/value heads (``n_kv_heads``, or ``n_heads``) and
+    the MLP width (``d_ff``). The vocabulary and the model width may not divide and are then
+    replicated (``logical_to_mesh``).
+
+    Raises:
+      ValueError: naming the config field, its size, the logical axis, the mesh axis and size,
+        and what to change.
+    """
+    for logical, field in _SPLIT_DIMENSIONS:
+        size = getattr(model_cfg, field)
+        axes = tuple(a for a in _mesh_axes(rules.get(logical)) if mesh.shape[a] > 1)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % ways:
+            shown = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+            raise ValueError(
+                f"model dimension {field}={size} (logical axis {logical!r}) is split over "
+                f"{shown} by the sharding rules, which does not divide it; choose "
+                f"config.mesh so that {ways} becomes a divisor of {size}, or change "
+                f"{field} or config.sharding"
+            )
+
+
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """``NamedSharding`` for every array of ``tree`` (params, optimizer state, a TrainState).
 

@@ -6,7 +6,6 @@ The train and eval steps are model-agnostic; they only call ``forward`` and ``ta
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Mapping
 from types import ModuleType
@@ -16,8 +15,7 @@ import jax
 from flax import nnx
 
 from attnzoo.models.layers import LinearHead
-from attnzoo.models.positional import PositionConfig
-from attnzoo.training import schema
+from attnzoo.training import overrides, schema
 
 TASKS = {"lm": "attnzoo.models.decoder_lm", "mt": "attnzoo.models.encoder_decoder"}
 
@@ -35,23 +33,19 @@ def model_module(task: str) -> ModuleType:
 def model_config(config: schema.Config, vocab_size: int) -> Any:
     """The model ``Config`` of ``config.model`` (a preset) with ``config.model_overrides``.
 
-    ``vocab_size`` comes from the tokenizer; ``position`` may be given as a dict of
-    ``PositionConfig`` fields; ``None`` values keep the preset's.
+    ``vocab_size`` comes from the tokenizer. ``None`` values keep the preset's; a nested
+    dataclass field (``position``) changes only the sub-fields set, e.g.
+    ``model_overrides.position.kind = "rope"`` keeps the preset's other ``PositionConfig``
+    fields (``attnzoo.training.overrides.changes``).
+
+    Raises:
+      ValueError: an unknown field for this task's Config (did-you-mean, valid fields), a
+        mistyped value, or a combination the model Config rejects.
     """
     module = model_module(config.task)
-    overrides = config.model_overrides
-    overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
-    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: keep the preset's
-    if isinstance(overrides.get("position"), Mapping):
-        overrides["position"] = PositionConfig(**overrides["position"])
-    fields = {f.name for f in dataclasses.fields(module.Config)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(
-            f"config.model_overrides has unknown fields {unknown} for {module.__name__}.Config; "
-            f"valid: {sorted(fields)}"
-        )
-    return module.Config.preset(config.model, **{**overrides, "vocab_size": vocab_size})
+    preset = module.Config.preset(config.model)
+    changes = overrides.changes(preset, config.get("model_overrides"))
+    return preset.replace(**{**changes, "vocab_size": vocab_size})
 
 
 def forward(

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.core import Tracer
 
 from attnzoo.models import layers
+from attnzoo.models.activation_sharding import constrain
 from attnzoo.models.positional.base import Encoding, PositionConfig, register
 
 
@@ -48,7 +49,9 @@ class Learned(Encoding):
                     f"{fix}"
                 )
         # under jit values are unknown: out-of-table rows read NaN instead of silently clamping
-        rows = jnp.take(self.table[...], positions, axis=0, mode="fill", fill_value=jnp.nan)
+        # the table whole along the width under a sharding scope, as for ``layers.Embed``
+        table = constrain(self.table[...], ("position", None))
+        rows = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
         return x + rows.astype(x.dtype)
 
 
