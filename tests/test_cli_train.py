@@ -62,7 +62,9 @@ def test_shipped_experiments_by_name(tmp_path):
     result = _run(tmp_path, config="attnzoo:lm_tinny")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "unknown experiment attnzoo:lm_tinny; attnzoo ships " in result.stderr
-    assert "attnzoo:lm_tiny, attnzoo:mt_tiny" in result.stderr, result.stderr[-2000:]
+    shipped = result.stderr.split("attnzoo ships ", 1)[1].split(" (in ", 1)[0].split(", ")
+    assert shipped == [f"attnzoo:{n}" for n in schema.experiment_names()], result.stderr[-2000:]
+    assert {"attnzoo:lm_tiny", "attnzoo:mt_tiny"} <= set(shipped)
 
 
 def test_every_shipped_experiment_loads_and_validates():

@@ -817,21 +817,32 @@ def test_load_sharded_checkpoint_inside_the_directory_loads(tmp_path):
 # ---- remote code ---------------------------------------------------------------------------
 
 
-def test_load_reads_configs_without_trusting_remote_code(tmp_path, monkeypatch):
+def test_load_runs_no_code_from_the_checkpoint(tmp_path, monkeypatch):
+    # A checkpoint may ship Python (``auto_map`` + a module file) that transformers runs under
+    # trust_remote_code=True. Loading reads config.json as JSON: neither that module nor any
+    # transformers config loader runs.
     d = _load_saved(tmp_path)
-    seen = []
-    real = transformers.AutoConfig.from_pretrained
+    ran = tmp_path / "remote_code_ran"
+    (d / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n"
+    )
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (d / "config.json").write_text(json.dumps(cfg))
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading went through transformers.AutoConfig")
 
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
-    convert.from_safetensors(d)
-    assert seen and all(kw.get("trust_remote_code") is False for kw in seen)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PretrainedConfig, "from_pretrained", refuse)
+    src_cfg, _, params = convert.from_pretrained(d)
+    assert not ran.exists()
+    assert src_cfg.n_layers == 2 and params  # it did load
 
 
-def test_load_every_from_pretrained_in_the_package_passes_trust_remote_code_false():
+def test_load_every_transformers_from_pretrained_in_the_package_passes_trust_remote_code_false():
+    # attnzoo's own loader (convert.from_pretrained) needs no transformers; any transformers
+    # from_pretrained call added to the package must refuse remote code explicitly.
     calls = []
     for path in sorted((_LOAD_ROOT / "attnzoo").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -839,9 +850,15 @@ def test_load_every_from_pretrained_in_the_package_passes_trust_remote_code_fals
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "from_pretrained"
+                and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "convert")
             ):
                 value = {k.arg: k.value for k in node.keywords}.get("trust_remote_code")
                 ok = isinstance(value, ast.Constant) and value.value is False
                 calls.append((f"{path.name}:{node.lineno}", ok))
-    assert calls, "expected from_pretrained calls in attnzoo/models/convert.py"
     assert all(ok for _, ok in calls), [where for where, ok in calls if not ok]
+    loaders = [
+        p.name
+        for p in (_LOAD_ROOT / "attnzoo").rglob("*.py")
+        if "convert.from_pretrained(" in p.read_text()
+    ]
+    assert loaders, "expected attnzoo to load checkpoints through convert.from_pretrained"
