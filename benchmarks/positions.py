@@ -243,13 +243,15 @@ def plot(records: list[dict], path: pathlib.Path, *, train_len: int) -> bool:
     return True
 
 
-def replace_section(path: pathlib.Path, section: str) -> None:
+def replace_section(
+    path: pathlib.Path, section: str, *, begin: str = BEGIN, end: str = END
+) -> None:
     """Puts ``section`` between the markers in ``path`` (appended when they are absent)."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + block + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block

@@ -41,6 +41,7 @@ def get_config():
     c.bleu_sentences = 0  # BLEU of the averaged model only (beam search costs ~1 min here)
     c.checkpoint_every = 100
     c.average_last = 5
+    c.keep_every = 500  # the curve: `python -m benchmarks.recipes` evaluates these afterwards
     # test verses run to 68 tokens: none is cut; outputs up to the source length + 50
     c.eval_source_len = 128
     c.eval_max_len_offset = 50

@@ -225,3 +225,23 @@ def test_keeps_the_latest_n_plus_the_best(tmp_path):
     ckpt.wait()
     assert ckpt.steps() == [2, 4, 5]  # the best (lowest eval loss) and the latest two
     ckpt.close()
+
+
+def test_keep_every_also_keeps_the_multiples(tmp_path):
+    c = _tiny_config(dict(data=8, fsdp=1, tensor=1), "dp")
+    state = experiment.build(c, vocab_size=64).init_state()
+    ckpt = checkpoint.Checkpoints(tmp_path, keep=1, keep_every=3, async_save=False)
+    for step in range(1, 9):
+        ckpt.save(state.replace(step=state.step + step), data_state={}, config=c, force=True)
+    ckpt.wait()
+    assert ckpt.steps() == [3, 6, 8]  # the multiples of 3 and the latest
+    ckpt.close()
+
+
+def test_keep_every_must_be_a_multiple_of_checkpoint_every():
+    c = _tiny_config(dict(data=8, fsdp=1, tensor=1), "dp")
+    c.update(checkpoint_every=2, keep_every=3)
+    with pytest.raises(ValueError, match="keep_every=3 is not a multiple of .*checkpoint_every=2"):
+        schema.validate(c)
+    c.keep_every = 4
+    schema.validate(c)

@@ -69,6 +69,9 @@ def test_metrics_jsonl_and_tensorboard_are_written(trained):
     assert [r["step"] for r in train_rows] == [20, 40, 60, 80, 100]
     assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
     assert all(r["train_tokens_per_s"] > 0 and r["train_learning_rate"] > 0 for r in train_rows)
+    elapsed = [r["train_elapsed_s"] for r in train_rows]  # wall clock, for loss-vs-time curves
+    assert elapsed[0] > 0 and all(b > a for a, b in zip(elapsed, elapsed[1:], strict=False))
+    assert elapsed[-1] <= json.loads((workdir / "summary.json").read_text())["seconds"]
     assert any("eval_loss" in r for r in rows)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 

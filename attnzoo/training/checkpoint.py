@@ -322,6 +322,7 @@ class Checkpoints:
         workdir: str | os.PathLike[str],
         *,
         keep: int = 3,
+        keep_every: int = 0,
         async_save: bool = True,
         read_only: bool = False,
     ):
@@ -330,17 +331,18 @@ class Checkpoints:
         self._pending: int | None = None  # the step of the last save not yet known to be done
         self._last_step = -1  # the step of the last save started
         self._closed = False
-        policy = policies.AnyPreservationPolicy(
-            [
-                policies.LatestN(n=keep),
-                policies.BestN(
-                    get_metric_fn=lambda m: m[BEST_METRIC],
-                    reverse=True,
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                ),
-            ]
-        )
+        kept: list[Any] = [
+            policies.LatestN(n=keep),
+            policies.BestN(
+                get_metric_fn=lambda m: m[BEST_METRIC],
+                reverse=True,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+        if keep_every:  # e.g. a BLEU-vs-time curve evaluated after training
+            kept.append(policies.EveryNSteps(interval_steps=keep_every))
+        policy = policies.AnyPreservationPolicy(kept)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
             enable_async_checkpointing=async_save,

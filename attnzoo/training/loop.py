@@ -392,7 +392,12 @@ def _train(config: schema.Config, workdir_path: epath.Path) -> dict[str, Any]:
 
     # checkpoint averaging needs the last average_last checkpoints kept
     keep = max(config.keep_checkpoints, config.get("average_last", 0))
-    ckpt = checkpoint.Checkpoints(workdir_path, keep=keep, async_save=config.async_checkpoints)
+    ckpt = checkpoint.Checkpoints(
+        workdir_path,
+        keep=keep,
+        keep_every=config.get("keep_every", 0),
+        async_save=config.async_checkpoints,
+    )
     try:
         if ckpt.steps():
             state, data_state = ckpt.restore(exp.abstract_state, config=config, move_aside=True)
@@ -440,6 +445,7 @@ def _train(config: schema.Config, workdir_path: epath.Path) -> dict[str, Any]:
             now = time.perf_counter()
             m["learning_rate"] = float(np.asarray(exp.schedule(step - 1)))
             m["tokens_per_s"] = tokens_since / (now - t_last)
+            m["elapsed_s"] = now - t_start  # since this process started training
             t_last, tokens_since = now, 0.0
             bar.log(
                 step,

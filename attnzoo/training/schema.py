@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.average_last = 0
     c.checkpoint_every = 200
     c.keep_checkpoints = 3  # latest N are kept, plus the best by eval loss
+    # also keep every checkpoint whose step is a multiple of N (0: none), e.g. to evaluate a
+    # BLEU-vs-time curve after training; a multiple of checkpoint_every
+    c.keep_every = 0
     c.async_checkpoints = True
     c.log_every = 10
     return c
@@ -246,6 +249,18 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"config.average_last must be an integer >= 0 (checkpoints averaged at the end; 0: "
             f"off), got {average!r}: set --config.average_last=N"
+        )
+    every = config.get("keep_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"config.keep_every must be an integer >= 0 (steps between checkpoints kept for "
+            f"good; 0: none), got {every!r}: set --config.keep_every=N"
+        )
+    if every and every % config.checkpoint_every:
+        raise ValueError(
+            f"config.keep_every={every} is not a multiple of config.checkpoint_every="
+            f"{config.checkpoint_every}, so some of the checkpoints it should keep are never "
+            f"written: set --config.keep_every to a multiple of {config.checkpoint_every}"
         )
 
 
