@@ -499,23 +499,9 @@ def text_batches(
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
-    n = len(ids) - 1  # predictions
-    rows = -(-n // seq_len)
-    rows += -rows % batch_size  # whole batches: one compiled shape
-    inputs = np.full((rows * seq_len,), tokenizer.pad_id, np.int32)
-    targets = inputs.copy()
-    inputs[:n], targets[:n] = ids[:-1], ids[1:]
-    real = (np.arange(rows * seq_len) < n).reshape(rows, seq_len)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))
-    batch = {
-        "inputs": inputs.reshape(rows, seq_len),
-        "targets": targets.reshape(rows, seq_len),
-        "segment_ids": real.astype(np.int32),
-        "positions": np.where(real, positions, 0).astype(np.int32),
-        "weights": real.astype(np.float32),
-    }
-    for start in range(0, rows, batch_size):
-        yield {k: v[start : start + batch_size] for k, v in batch.items()}
+    yield from length_eval.window_batches(
+        ids, length=seq_len, rows=batch_size, pad_id=tokenizer.pad_id
+    )
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
