@@ -221,12 +221,14 @@ def plot(records: list[dict], path: pathlib.Path, *, train_len: int) -> bool:
         print("positions: matplotlib is not installed: no plot", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, values in series(records).items():
+    tab20 = plt.get_cmap("tab20")  # 11+ series: the default colour cycle repeats after 10
+    for i, (label, values) in enumerate(series(records).items()):
         points = [(n, v) for n, v in sorted(values.items()) if v is not None]
         ax.plot(
             [n for n, _ in points],
             [v for _, v in points],
             marker="o",
+            color=tab20(((2 * i) if i < 10 else (2 * i + 1)) % 20),
             linestyle="--" if "+" in label else "-",
             label=label,
         )
