@@ -67,7 +67,7 @@ docs: $(VENV)/.docs-installed
 bench: dev
 	$(PY) -m benchmarks.run --markdown benchmarks/RESULTS.md
 
-# Positional encodings vs evaluation length (~45 min on 2 CPU cores): one LM per kind; writes
+# Positional encodings vs evaluation length (26 min measured on 2 CPU cores): one LM per kind; writes
 # benchmarks/positions.{jsonl,md,png} and its section of benchmarks/RESULTS.md
 study: dev
 	$(PY) -m benchmarks.positions

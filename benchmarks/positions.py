@@ -1,6 +1,6 @@
 """Positional-encoding study: one small byte-level LM per kind, perplexity vs evaluation length.
 
-    python -m benchmarks.positions            # or: make study  (~45 min on 2 CPU cores)
+    python -m benchmarks.positions            # or: make study  (26 min measured on 2 CPU cores)
     python -m benchmarks.positions --smoke    # tiny sizes, seconds: checks the plumbing
 
 Trains the same decoder LM (``configs/lm_tiny.py`` with d_model/layers/steps below) once per

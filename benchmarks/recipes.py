@@ -38,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 MT_TEST_SENTENCES = 678  # the whole test split (Mark)
 AVERAGE_LAST = 5
+KEEP_EVERY = 500  # the recipes' config.keep_every: the points of the curve
 LM_PROMPT = "ROMEO:"
 
 
@@ -88,14 +89,17 @@ def _minutes(elapsed: dict[int, float], step: int) -> float:
     return elapsed[known] * step / known / 60 if known else 0.0
 
 
-def mt_points(workdir: pathlib.Path, cache: dict[tuple, dict]) -> list[dict]:
-    """Test BLEU at every kept checkpoint, and of the mean of the last 5 at the final step."""
+def mt_points(
+    workdir: pathlib.Path, cache: dict[tuple, dict], *, every: int = KEEP_EVERY
+) -> list[dict]:
+    """Test BLEU at the checkpoints of steps that are multiples of ``every`` and at the final
+    one, and of the mean of the last 5 at the final step."""
     steps = checkpoint_steps(workdir)
     if not steps:
         raise SystemExit(f"recipes: no checkpoints in {workdir}: train it first")
     elapsed = elapsed_seconds(workdir)
     final = steps[-1]
-    kept = [s for s in steps if s % 500 == 0 or s == final]
+    kept = [s for s in steps if s % every == 0 or s == final]
     points = []
     for step, average in [(s, False) for s in kept] + [(final, True)]:
         key = ("mt", str(workdir), step, average)
@@ -273,6 +277,13 @@ def main(argv: list[str] | None = None) -> None:
         default=str(ROOT / "benchmarks" / "RESULTS.md"),
         help="file whose recipes section to rewrite",
     )
+    p.add_argument(
+        "--every",
+        type=int,
+        default=KEEP_EVERY,
+        help="MT: evaluate the checkpoints of multiples of this step (the run's "
+        "config.keep_every; default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="recompute cached evaluations")
     args = p.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             r = json.loads(line)
             cache[(r["recipe"], r["workdir"], r["step"], r["averaged"])] = r
     mt_dir, lm_dir = pathlib.Path(args.mt), pathlib.Path(args.lm)
-    mt = mt_points(mt_dir, cache) if mt_dir.exists() else []
+    mt = mt_points(mt_dir, cache, every=args.every) if mt_dir.exists() else []
     lm = lm_points(lm_dir, cache) if lm_dir.exists() else []
     with open(cache_path, "w") as f:
         for r in cache.values():

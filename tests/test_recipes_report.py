@@ -115,3 +115,14 @@ def test_lm_curve_section_and_plot(tmp_path, evals):
         ["--mt", str(mt), "--lm", str(lm), "--out", str(tmp_path), "--markdown", str(results)]
     )
     assert results.read_text().count(recipes.BEGIN) == 1
+
+
+def test_every_picks_the_curve_points(tmp_path, evals):
+    w = _workdir(tmp_path, "mt", [200, 300, 400, 500, 600], elapsed_per_step=0.6)
+    points = recipes.mt_points(w, {}, every=200)
+    assert [(p["step"], p["averaged"]) for p in points] == [
+        (200, False),
+        (400, False),
+        (600, False),
+        (600, True),
+    ]
